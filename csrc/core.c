@@ -1,0 +1,233 @@
+/*
+** core.c - the kvm.core module: module functions, shared helpers.
+**
+** Objects live in their own files: vm.c (kvm.vm), mem.c (kvm.memory),
+** vcpu.c (kvm.vcpu and the run loop), exit.c (kvm.exit).
+*/
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+
+#include "luakvm.h"
+
+#define LUAKVM_EXPORT __attribute__((visibility("default")))
+
+uint64_t kvm_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* nil, "WHAT: strerror (hint)", errno -- the io.open convention */
+int kvm_fail(lua_State *L, const char *what) {
+  int en = errno;
+  const char *hint = "";
+  if (strcmp(what, "open /dev/kvm") == 0) {
+    if (en == ENOENT || en == ENXIO || en == ENODEV)
+      hint = " (is the kvm module loaded? try 'modprobe kvm_intel' or 'kvm_amd')";
+    else if (en == EACCES || en == EPERM)
+      hint = " (add your user to the 'kvm' group, or check /dev/kvm's mode)";
+  }
+  luaL_pushfail(L);
+  lua_pushfstring(L, "%s: %s%s", what, strerror(en), hint);
+  lua_pushinteger(L, en);
+  return 3;
+}
+
+const char *kvm_pushhex(lua_State *L, uint64_t v) {
+  char b[24];
+  snprintf(b, sizeof b, "0x%llx", (unsigned long long)v);
+  return lua_pushstring(L, b);
+}
+
+lua_Integer kvm_checkint(lua_State *L, int arg) {
+  return luaL_checkinteger(L, arg);
+}
+
+/* an integer in [lo, hi] (unsigned comparison), else an argument error */
+uint64_t kvm_checkrange(lua_State *L, int arg, uint64_t lo, uint64_t hi,
+                        const char *what) {
+  uint64_t v = (uint64_t)luaL_checkinteger(L, arg);
+  if (v < lo || v > hi)
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s out of range", what));
+  return v;
+}
+
+uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len) {
+  uint64_t end;
+  if (__builtin_add_overflow(gpa, len, &end)) return NULL;
+  for (int i = 0; i < KVM_MAX_REGIONS; i++) {
+    Memory *m = vm->regions[i];
+    if (m == NULL || m->host == NULL) continue;
+    if (gpa >= m->guest && end <= m->guest + m->size)
+      return m->host + (gpa - m->guest);
+  }
+  return NULL;
+}
+
+/* ---------------------------------------------------------------- */
+
+static int open_kvm(void) {
+  return open("/dev/kvm", O_RDWR | O_CLOEXEC);
+}
+
+/*** Version of the KVM API (12 on every kernel since 2.6.22).
+@function api_version
+@treturn integer
+@return[2] fail, message, errno
+*/
+static int l_api_version(lua_State *L) {
+  int fd = open_kvm();
+  if (fd < 0) return kvm_fail(L, "open /dev/kvm");
+  int v = ioctl(fd, KVM_GET_API_VERSION, 0);
+  int en = errno;
+  close(fd);
+  if (v < 0) { errno = en; return kvm_fail(L, "KVM_GET_API_VERSION"); }
+  lua_pushinteger(L, v);
+  return 1;
+}
+
+static const struct { const char *name; int cap; } caps[] = {
+#include "caps.h"
+  {NULL, 0}
+};
+
+/* cap as a number, "KVM_CAP_IRQCHIP" or "irqchip" */
+int kvm_checkcap(lua_State *L, int arg) {
+  if (lua_type(L, arg) == LUA_TNUMBER)
+    return (int)kvm_checkrange(L, arg, 0, 0x7fffffff, "capability");
+  const char *s = luaL_checkstring(L, arg);
+  if (strncasecmp(s, "KVM_CAP_", 8) == 0) s += 8;
+  for (int i = 0; caps[i].name; i++)
+    if (strcasecmp(caps[i].name, s) == 0) return caps[i].cap;
+  return luaL_argerror(L, arg,
+      lua_pushfstring(L, "unknown capability '%s'", lua_tostring(L, arg)));
+}
+
+/*** Ask KVM about a capability (KVM_CHECK_EXTENSION on /dev/kvm).
+@function check_extension
+@param cap number, or name: "KVM_CAP_IRQCHIP" or "irqchip"
+@treturn integer 0 when absent, else the capability's value
+@return[2] fail, message, errno
+*/
+static int l_check_extension(lua_State *L) {
+  int cap = kvm_checkcap(L, 1);
+  int fd = open_kvm();
+  if (fd < 0) return kvm_fail(L, "open /dev/kvm");
+  int v = ioctl(fd, KVM_CHECK_EXTENSION, cap);
+  int en = errno;
+  close(fd);
+  if (v < 0) { errno = en; return kvm_fail(L, "KVM_CHECK_EXTENSION"); }
+  lua_pushinteger(L, v);
+  return 1;
+}
+
+/*** Capability names this build knows, as {name = number}.
+@function capabilities
+*/
+static int l_capabilities(lua_State *L) {
+  lua_createtable(L, 0, (int)(sizeof caps / sizeof caps[0]));
+  for (int i = 0; caps[i].name; i++) {
+    lua_pushinteger(L, caps[i].cap);
+    lua_setfield(L, -2, caps[i].name);
+  }
+  return 1;
+}
+
+void kvm_push_cpuid(lua_State *L, const struct kvm_cpuid_entry2 *e, int n) {
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_createtable(L, 0, 7);
+    lua_pushinteger(L, e[i].function); lua_setfield(L, -2, "func");
+    lua_pushinteger(L, e[i].index); lua_setfield(L, -2, "index");
+    lua_pushinteger(L, e[i].flags); lua_setfield(L, -2, "flags");
+    lua_pushinteger(L, e[i].eax); lua_setfield(L, -2, "eax");
+    lua_pushinteger(L, e[i].ebx); lua_setfield(L, -2, "ebx");
+    lua_pushinteger(L, e[i].ecx); lua_setfield(L, -2, "ecx");
+    lua_pushinteger(L, e[i].edx); lua_setfield(L, -2, "edx");
+    lua_rawseti(L, -2, i + 1);
+  }
+}
+
+/*** CPUID leaves KVM can give a guest (KVM_GET_SUPPORTED_CPUID).
+@function supported_cpuid
+@treturn table array of {func=, index=, flags=, eax=, ebx=, ecx=, edx=}
+@return[2] fail, message, errno
+*/
+static int l_supported_cpuid(lua_State *L) {
+  int fd = open_kvm();
+  if (fd < 0) return kvm_fail(L, "open /dev/kvm");
+  for (int n = 128; n <= 4096; n *= 2) {
+    size_t sz = sizeof(struct kvm_cpuid2) + (size_t)n * sizeof(struct kvm_cpuid_entry2);
+    struct kvm_cpuid2 *c = calloc(1, sz);
+    if (c == NULL) { close(fd); return luaL_error(L, "out of memory"); }
+    c->nent = (uint32_t)n;
+    if (ioctl(fd, KVM_GET_SUPPORTED_CPUID, c) == 0) {
+      close(fd);
+      /* copy to a Lua-owned buffer first so nothing malloc'd is held
+         across calls that can raise */
+      size_t bytes = c->nent * sizeof(struct kvm_cpuid_entry2);
+      int nent = (int)c->nent;
+      struct kvm_cpuid_entry2 *buf = lua_newuserdatauv(L, bytes ? bytes : 1, 0);
+      memcpy(buf, c->entries, bytes);
+      free(c);
+      kvm_push_cpuid(L, buf, nent);
+      return 1;
+    }
+    int en = errno;
+    free(c);
+    if (en != E2BIG) { close(fd); errno = en; return kvm_fail(L, "KVM_GET_SUPPORTED_CPUID"); }
+  }
+  close(fd);
+  errno = E2BIG;
+  return kvm_fail(L, "KVM_GET_SUPPORTED_CPUID");
+}
+
+/*** Is this host's /dev/kvm the software implementation kvm_pvm?
+@function host_info
+@treturn table {pvm = boolean, api_version = n}
+*/
+static int l_host_info(lua_State *L) {
+  lua_createtable(L, 0, 2);
+  lua_pushboolean(L, access("/sys/module/kvm_pvm", F_OK) == 0);
+  lua_setfield(L, -2, "pvm");
+  lua_pushboolean(L, access("/sys/module/kvm_intel", F_OK) == 0);
+  lua_setfield(L, -2, "intel");
+  lua_pushboolean(L, access("/sys/module/kvm_amd", F_OK) == 0);
+  lua_setfield(L, -2, "amd");
+  return 1;
+}
+
+int kvm_stop_key;   /* address is kvm.STOP */
+
+static const luaL_Reg funcs[] = {
+  {"api_version", l_api_version},
+  {"check_extension", l_check_extension},
+  {"capabilities", l_capabilities},
+  {"supported_cpuid", l_supported_cpuid},
+  {"host_info", l_host_info},
+  {NULL, NULL}
+};
+
+int l_vm_new(lua_State *L);
+
+LUAKVM_EXPORT int luaopen_kvm_core(lua_State *L) {
+  kvm_open_vm(L);
+  kvm_open_memory(L);
+  kvm_open_vcpu(L);
+  kvm_open_exit(L);
+  luaL_newlib(L, funcs);
+  lua_pushcfunction(L, l_vm_new);
+  lua_setfield(L, -2, "vm");
+  lua_pushlightuserdata(L, &kvm_stop_key);
+  lua_setfield(L, -2, "STOP");
+  lua_pushliteral(L, "0.1");
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}
