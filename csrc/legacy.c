@@ -253,7 +253,6 @@ static void cmos_write(Legacy *lg, uint8_t v) {
   case RTC_B: {
     uint8_t old = lg->cmos_ram[RTC_B];
     if ((v & B_SET) && !(old & B_SET)) rtc_snapshot(lg);  /* freeze the fields */
-    /* a format change must not reinterpret the frozen fields: re-snapshot */
     lg->cmos_ram[RTC_B] = v;
     if ((old & B_SET) && !(v & B_SET)) rtc_commit(lg);
     return;
@@ -354,7 +353,6 @@ int legacy_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, unsigned size, ui
     if (!(lg->parts & LEGACY_PCI)) { if (!is_write) memset(data, 0xff, size); return 0; }
     return pci_io(lg, port, is_write, size, data);
   }
-  if (port == 0x80 && is_write) return byte_io(vm, lg, port, is_write, data);  /* low byte */
   int reset = 0;
   for (unsigned i = 0; i < size; i++)
     reset |= byte_io(vm, lg, (uint16_t)(port + i), is_write, &data[i]);
@@ -416,13 +414,16 @@ int l_vm_legacy_ports(lua_State *L) {
   for (size_t i = 0; i < NCLAIMS; i++) {
     if (!(want & claims[i].part)) continue;
     n++;
-    for (int j = 0; j < vm->nio; j++)
-      if (claims[i].first <= vm->io[j].last && vm->io[j].first <= claims[i].last)
-        return luaL_error(L, "vm:legacy_ports: port 0x%I (%s) already claimed by 0x%I-0x%I",
-                          (lua_Integer)(claims[i].first > vm->io[j].first ? claims[i].first
-                                                                          : vm->io[j].first),
-                          claims[i].name, (lua_Integer)vm->io[j].first,
-                          (lua_Integer)vm->io[j].last);
+    for (int j = 0; j < vm->nio; j++) {
+      const Range *r = &vm->io[j];
+      if (claims[i].first <= r->last && r->first <= claims[i].last) {
+        char msg[128];   /* lua_pushfstring has no %x */
+        snprintf(msg, sizeof msg, "port 0x%x (%s) already claimed by 0x%llx-0x%llx",
+                 (unsigned)(claims[i].first > r->first ? claims[i].first : r->first),
+                 claims[i].name, (unsigned long long)r->first, (unsigned long long)r->last);
+        return luaL_error(L, "vm:legacy_ports: %s", msg);
+      }
+    }
   }
   if (vm->nio + n > KVM_MAX_RANGES)
     return luaL_error(L, "vm:legacy_ports: too many port ranges (at most %d)", KVM_MAX_RANGES);

@@ -3,6 +3,6 @@
 -- "N passed, N failed" and the exit status is non-zero on any failure.
 local extra = {}
 for i = 1, #arg do extra[#extra + 1] = arg[i] end
-arg = { "--output=spec/summary_output.lua", "--helper=spec/helper.lua", table.unpack(extra) }
+arg = { [0] = "spec/run.lua", "--ignore-lua", "--output=spec/summary_output.lua", "--helper=spec/helper.lua", table.unpack(extra) }
 if #extra == 0 or extra[#extra]:match("^%-") then arg[#arg + 1] = "spec" end
 require 'busted.runner'({ standalone = false })

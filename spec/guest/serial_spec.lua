@@ -1,0 +1,251 @@
+--- vm:serial{...}: the 16550A UART (csrc/serial.c) driven by tiny 16-bit
+-- real-mode guests. The guests (spec/guest/serial_*.S, built by `make`) are
+-- loaded at guest-physical 0x1000 and run with CS base 0, IP 0x1000; they
+-- store what they read in guest memory at 0x2000.. and leave through the
+-- debug-exit port 0x501.
+
+local kvm = require "kvm"
+
+local available, why = kvm.available()
+
+local function guest_bin(name)
+  local path = "spec/guest/" .. name .. ".bin"
+  local f = io.open(path, "rb")
+  if not f then error(path .. " is missing: run `make` first", 2) end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+--- A VM with 1 MiB of RAM, port 0x501 as debug exit, code at 0x1000.
+-- setup(vm) runs before the vCPU is made (vm:serial goes there).
+local function realmode(code, setup)
+  local vm = assert(kvm.vm())
+  vm:memory{guest = 0, size = 1 << 20}
+  vm:debug_exit(0x501)
+  if setup then setup(vm) end
+  vm:write(0x1000, code)
+  local cpu = vm:vcpu(0)
+  cpu:set_sregs{cs = {base = 0, selector = 0}, ds = {base = 0, selector = 0}}
+  cpu:set_regs{rip = 0x1000, rflags = 2}
+  return vm, cpu
+end
+
+--- Run until the guest's debug exit; fail with the exit otherwise.
+local function run_to_exit(cpu, opts)
+  local e = assert(cpu:run(opts or {timeout = 20}))
+  assert.are.equal("debug_exit", e.reason, tostring(e))
+  assert.are.equal(0, e.code)
+  return e
+end
+
+--- Collect what an output function receives.
+local function sink()
+  local chunks = {}
+  return chunks, function(bytes) chunks[#chunks + 1] = bytes end
+end
+
+describe("16550A UART #guest", function()
+  if not available then
+    pending("no usable /dev/kvm: " .. tostring(why))
+    return
+  end
+
+  describe("registers", function()
+    -- what serial_regs.S stores at 0x2000 + i, in order
+    local expected = {
+      {0xa5, "scratch 0xa5"}, {0x5a, "scratch 0x5a"},
+      {0x0f, "IER 0x0f"}, {0x0f, "IER keeps bits 3-0 of 0xff"},
+      {0x34, "DLL"}, {0x12, "DLM"}, {0x0f, "IER after DLAB off"}, {0x03, "LCR"},
+      {0x01, "IIR, FIFO off"}, {0xc1, "IIR after FCR=0x07"}, {0x60, "LSR THRE|TEMT"},
+      {0x92, "MSR loopback RTS|OUT2 (+DDSR)"}, {0x90, "MSR deltas cleared"},
+      {0xf2, "MSR loopback, all four"},
+      {0x61, "LSR DR after loopback THR write"}, {0x41, "RBR"}, {0x60, "LSR drained"},
+      {0xc4, "IIR received data"}, {0x42, "RBR"}, {0xc1, "IIR nothing pending"},
+      {0xc2, "IIR THR empty"}, {0xc1, "IIR THRI cleared by reading IIR"},
+      {0xc2, "IIR THRI after THR write"}, {0x43, "RBR"},
+      {0x63, "LSR overrun"}, {0x61, "LSR OE cleared by reading"}, {16, "FIFO depth"},
+      {0xcc, "IIR character timeout below the trigger level"}, {0x44, "RBR"},
+      {0x01, "IIR FIFO off again"},
+      {0xb4, "MSR out of loopback (+TERI)"}, {0xb0, "MSR connected modem"},
+    }
+
+    local vm, cpu
+    setup(function()
+      vm, cpu = realmode(guest_bin("serial_regs"), function(v) v:serial{output = false} end)
+      run_to_exit(cpu)
+    end)
+    teardown(function() vm:close() end)
+
+    for i, case in ipairs(expected) do
+      it(string.format("0x%04x: %s = 0x%02x", 0x2000 + i - 1, case[2], case[1]), function()
+        assert.are.equal(case[1], vm:u8(0x2000 + i - 1))
+      end)
+    end
+
+    it("keeps the first 16 of 20 looped-back bytes, in order", function()
+      assert.are.equal("abcdefghijklmnop", vm:read(0x2100, 16))
+    end)
+
+    it("outputs nothing in loopback", function()
+      assert.are.equal(0, vm:stats().serial_tx)
+    end)
+  end)
+
+  describe("output", function()
+    local msg = "hello from the guest\nno newline at the end"
+
+    it("goes to a function, a line at a time, the rest when run() returns", function()
+      local chunks, fn = sink()
+      local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = fn} end)
+      run_to_exit(cpu)
+      assert.are.equal("hello from the guest\n", chunks[1])
+      assert.are.equal(msg, table.concat(chunks))
+      assert.are.equal(#msg, vm:stats().serial_tx)
+    end)
+
+    it("goes to a FILE", function()
+      local f = io.tmpfile()
+      local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = f} end)
+      run_to_exit(cpu)
+      f:seek("set")
+      assert.are.equal(msg, f:read("a"))
+      f:close()
+    end)
+
+    it("is discarded with output = false", function()
+      local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = false} end)
+      run_to_exit(cpu)
+      assert.are.equal(#msg, vm:stats().serial_tx)
+    end)
+
+    it("raises the output function's error out of run()", function()
+      local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v)
+        v:serial{output = function() error("sink failed") end}
+      end)
+      local ok, err = pcall(cpu.run, cpu)
+      assert.is_false(ok)
+      assert.matches("sink failed", tostring(err))
+    end)
+
+    it("raises when the output FILE was closed", function()
+      local f = io.tmpfile()
+      local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = f} end)
+      f:close()
+      local ok, err = pcall(cpu.run, cpu)
+      assert.is_false(ok)
+      assert.matches("closed file", tostring(err))
+    end)
+
+    it("delivers a 100000-byte flood in order, in chunks of at most 4096", function()
+      -- an LCG so that any reordering or loss shows
+      local t, x = {}, 12345
+      for i = 1, 100000 do
+        x = (x * 1103515245 + 12345) & 0x7fffffff
+        t[i] = string.char((x >> 16) & 0xff)
+      end
+      local data = table.concat(t)
+      local chunks, fn = sink()
+      local vm <close>, cpu = realmode(guest_bin("serial_flood"), function(v) v:serial{output = fn} end)
+      vm:write(0x10000, data)
+      run_to_exit(cpu)
+      local biggest = 0
+      for _, c in ipairs(chunks) do biggest = math.max(biggest, #c) end
+      assert.is_true(biggest <= 4096, "chunk of " .. biggest)
+      assert.are.equal(#data, #table.concat(chunks))
+      assert.is_true(table.concat(chunks) == data, "flood corrupted")
+      assert.are.equal(100000, vm:stats().serial_tx)
+    end)
+  end)
+
+  describe("input", function()
+    it("is read from a FILE and echoed back", function()
+      local f = io.tmpfile()
+      f:write("ping\npong\n\4")
+      f:seek("set")
+      local chunks, fn = sink()
+      local vm <close>, cpu = realmode(guest_bin("serial_echo"), function(v)
+        v:serial{output = fn, input = f}
+      end)
+      run_to_exit(cpu)
+      assert.are.equal("ping\npong\n", table.concat(chunks))
+      assert.are.equal(11, vm:stats().serial_rx)
+      f:close()
+    end)
+
+    it("is read from a pipe, 20000 bytes in order", function()
+      local t = {}
+      for i = 1, 2000 do t[i] = string.format("%09d\n", i) end
+      local data = table.concat(t)
+      local path = os.tmpname()
+      local w = assert(io.open(path, "wb"))
+      w:write(data, "\4")
+      w:close()
+      local p = assert(io.popen("cat " .. path, "r"))
+      local chunks, fn = sink()
+      local vm <close>, cpu = realmode(guest_bin("serial_echo"), function(v)
+        v:serial{output = fn, input = p}
+      end)
+      run_to_exit(cpu)
+      p:close()
+      os.remove(path)
+      assert.is_true(table.concat(chunks) == data, "echo differs")
+      assert.are.equal(#data + 1, vm:stats().serial_rx)
+    end)
+  end)
+
+  describe("vm:serial arguments", function()
+    local vm
+    before_each(function() vm = assert(kvm.vm()) end)
+    after_each(function() vm:close() end)
+
+    it("returns the VM and claims 8 ports", function()
+      assert.are.equal(vm, vm:serial{port = 0x2f8, irq = 3, output = false})
+      local found
+      for _, c in ipairs(vm:claims()) do
+        if c.kind == "serial" then found = c end
+      end
+      assert.are.equal(0x2f8, found.first)
+      assert.are.equal(0x2ff, found.last)
+    end)
+
+    local bad = {
+      {{port = 0xfff9}, "vm:serial: 'port' must be an integer in 0..0xfff8, got 65529"},
+      {{port = -1}, "'port' must be an integer"},
+      {{port = 1.5}, "'port' must be an integer in 0..0xfff8, got 1.5"},
+      {{irq = 24}, "vm:serial: 'irq' must be an integer in 0..23, got 24"},
+      {{output = 42}, "'output' must be a file, a function or false, got number"},
+      {{output = true}, "'output' must be a file, a function or false"},
+      {{input = "stdin"}, "'input' must be a file, got string"},
+      {{prot = 1}, "unknown option 'prot'"},
+    }
+    for _, case in ipairs(bad) do
+      it("rejects " .. case[2], function()
+        local ok, err = pcall(vm.serial, vm, case[1])
+        assert.is_false(ok)
+        assert.matches(case[2], err, 1, true)
+        assert.are.equal(0, #vm:claims())
+      end)
+    end
+
+    it("rejects a closed input file", function()
+      local f = io.tmpfile()
+      f:close()
+      assert.has_error(function() vm:serial{input = f} end, "vm:serial: 'input' is a closed file")
+    end)
+
+    it("rejects a second UART", function()
+      vm:serial{output = false}
+      assert.has_error(function() vm:serial{port = 0x2f8} end,
+        "vm:serial: the UART is already set up")
+    end)
+
+    it("rejects ports already claimed", function()
+      vm:debug_exit(0x3fc)
+      local ok, err = pcall(vm.serial, vm, {output = false})
+      assert.is_false(ok)
+      assert.matches("already claimed", err)
+      assert.are.equal(1, #vm:claims())
+    end)
+  end)
+end)
