@@ -12,7 +12,22 @@ GUESTS_S  = $(wildcard examples/guests/*.S spec/guest/*.S)
 GUESTS    = $(GUESTS_S:.S=.bin)
 BUSTED   ?= busted
 
-.PHONY: all test check-memory bench kernel clean caps
+.PHONY: all test e2e check-memory bench kernel clean caps deps run
+
+# Debian 12 packages the build, the tests and the default kernel need
+DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make \
+           pkg-config lz4 cpio busybox-static gzip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+deps:
+	@if dpkg -s $(DEB_PKGS) >/dev/null 2>&1; then echo "deps: all installed"; else \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PKGS); fi
+
+# the main job: boot the default kernel (make kernel) on this terminal
+run: all kernel
+	$(LUA) examples/boot_linux.lua guest-kernel/vmlinux --initrd guest-kernel/initramfs.cpio.gz
+
 
 all: kvm/core.so $(GUESTS)
 

@@ -194,6 +194,17 @@ describe("16550A UART #guest", function()
     end)
   end)
 
+  it("raises IRQ 4 through the in-kernel PIC only with MCR.OUT2 set", function()
+    local vm <close>, cpu = realmode(guest_bin("serial_irq"), function(v)
+      assert(v:irqchip())
+      v:serial{output = false}
+    end)
+    run_to_exit(cpu, {timeout = 10})
+    assert.are.equal(2, vm:u8(0x2000), "interrupt taken in phase " .. vm:u8(0x2000))
+    assert.are.equal(0x02, vm:u8(0x2001))   -- THRI
+    assert.are.equal(0x01, vm:u8(0x2002))   -- acknowledged by reading IIR
+  end)
+
   describe("vm:serial arguments", function()
     local vm
     before_each(function() vm = assert(kvm.vm()) end)
