@@ -204,6 +204,15 @@ static int l_host_info(lua_State *L) {
   return 1;
 }
 
+/*** Monotonic clock in seconds (CLOCK_MONOTONIC, system-wide), for timing.
+@function now
+@treturn number
+*/
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)kvm_now_ns() / 1e9);
+  return 1;
+}
+
 int kvm_stop_key;   /* address is kvm.STOP */
 
 static const luaL_Reg funcs[] = {
@@ -212,6 +221,7 @@ static const luaL_Reg funcs[] = {
   {"capabilities", l_capabilities},
   {"supported_cpuid", l_supported_cpuid},
   {"host_info", l_host_info},
+  {"now", l_now},
   {NULL, NULL}
 };
 

@@ -27,6 +27,9 @@ cpu:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = x86.RFLAGS_RESERVED }
 
 -- the guest's port writes come back to Lua one by one; C-side dispatch and a
 -- built-in UART exist too (vm:on_io, vm:serial): see the README.
+if os.getenv("LUAKVM_STARTUP") then   -- for bench/bench.lua's start-up row
+  print(("first KVM_RUN at %.6f"):format(kvm.now()))
+end
 while true do
   local e = cpu:run()
   if e.reason == "io" and e.port == 0x3f8 and e.direction == "out" then

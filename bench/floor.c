@@ -1,0 +1,117 @@
+/*
+** floor.c - the bare C reference for `make bench`: what KVM costs with no
+** VMM around it. Same guests as bench/bench.lua, same ioctls, no Lua.
+**
+**   floor exits N      a real-mode guest loops "out dx, al" to port 0x3ff;
+**                      KVM_RUN N times; prints "exits N seconds"
+**   floor lifecycle N  N times: create a VM with 64 KiB of memory and one
+**                      vCPU, run a 5-byte real-mode guest to HLT, destroy;
+**                      prints "lifecycle N seconds"
+**   floor memcpy FILE  map FILE, memcpy it into anonymous memory;
+**                      prints "memcpy BYTES seconds"
+*/
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what) { perror(what); exit(1); }
+
+struct vm { int kvm, fd, cpu; uint8_t *mem; size_t memsz; struct kvm_run *run; size_t runsz; };
+
+static void vm_open(struct vm *v, int kvm, const uint8_t *code, size_t n) {
+  v->kvm = kvm;
+  v->fd = ioctl(kvm, KVM_CREATE_VM, 0);
+  if (v->fd < 0) die("KVM_CREATE_VM");
+  v->memsz = 64 << 10;
+  v->mem = mmap(NULL, v->memsz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (v->mem == MAP_FAILED) die("mmap");
+  memcpy(v->mem + 0x1000, code, n);
+  struct kvm_userspace_memory_region r = { .slot = 0, .guest_phys_addr = 0,
+    .memory_size = v->memsz, .userspace_addr = (uint64_t)(uintptr_t)v->mem };
+  if (ioctl(v->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0) die("KVM_SET_USER_MEMORY_REGION");
+  v->cpu = ioctl(v->fd, KVM_CREATE_VCPU, 0);
+  if (v->cpu < 0) die("KVM_CREATE_VCPU");
+  v->runsz = (size_t)ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+  v->run = mmap(NULL, v->runsz, PROT_READ | PROT_WRITE, MAP_SHARED, v->cpu, 0);
+  if (v->run == MAP_FAILED) die("mmap run");
+  struct kvm_sregs s;
+  if (ioctl(v->cpu, KVM_GET_SREGS, &s) < 0) die("KVM_GET_SREGS");
+  s.cs.base = 0; s.cs.selector = 0;
+  s.ds.base = 0; s.ds.selector = 0;
+  if (ioctl(v->cpu, KVM_SET_SREGS, &s) < 0) die("KVM_SET_SREGS");
+  struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
+  if (ioctl(v->cpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+}
+
+static void vm_close(struct vm *v) {
+  munmap(v->run, v->runsz);
+  close(v->cpu);
+  close(v->fd);
+  munmap(v->mem, v->memsz);
+}
+
+int main(int argc, char **argv) {
+  if (argc < 3) { fprintf(stderr, "usage: floor exits|lifecycle N | memcpy FILE\n"); return 2; }
+  if (strcmp(argv[1], "memcpy") == 0) {
+    int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die(argv[2]);
+    struct stat st;
+    fstat(fd, &st);
+    double t0 = now();
+    void *src = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    uint8_t *dst = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (src == MAP_FAILED || dst == MAP_FAILED) die("mmap");
+    memcpy(dst, src, (size_t)st.st_size);
+    double t1 = now();
+    printf("memcpy %lld %.9f\n", (long long)st.st_size, t1 - t0);
+    return 0;
+  }
+  long n = atol(argv[2]);
+  int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (kvm < 0) die("/dev/kvm");
+  if (strcmp(argv[1], "exits") == 0) {
+    /* mov dx, 0x3ff ; l: out dx, al ; jmp l */
+    static const uint8_t code[] = { 0xba, 0xff, 0x03, 0xee, 0xeb, 0xfd };
+    struct vm v;
+    vm_open(&v, kvm, code, sizeof code);
+    for (int i = 0; i < 1000; i++) ioctl(v.cpu, KVM_RUN, 0);   /* warm up */
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+      if (ioctl(v.cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+      if (v.run->exit_reason != KVM_EXIT_IO) { fprintf(stderr, "exit %u\n", v.run->exit_reason); return 1; }
+    }
+    double t1 = now();
+    printf("exits %ld %.9f\n", n, t1 - t0);
+    vm_close(&v);
+  } else if (strcmp(argv[1], "lifecycle") == 0) {
+    /* mov al, 1 ; out 0x80? no: 5 bytes: nop; nop; nop; nop; hlt */
+    static const uint8_t code[] = { 0x90, 0x90, 0x90, 0x90, 0xf4 };
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+      struct vm v;
+      vm_open(&v, kvm, code, sizeof code);
+      if (ioctl(v.cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+      if (v.run->exit_reason != KVM_EXIT_HLT) { fprintf(stderr, "exit %u\n", v.run->exit_reason); return 1; }
+      vm_close(&v);
+    }
+    double t1 = now();
+    printf("lifecycle %ld %.9f\n", n, t1 - t0);
+  }
+  close(kvm);
+  return 0;
+}
