@@ -1,0 +1,48 @@
+rockspec_format = "3.0"
+package = "luakvm"
+version = "scm-1"
+source = {
+  url = "git+file:///work/main",
+}
+description = {
+  summary = "Build and run KVM virtual machines from Lua 5.4",
+  detailed = [[
+A C core (kvm.core) wraps the Linux KVM API: VMs, guest memory, vCPUs, exits,
+a run loop with port/MMIO dispatch to C devices and Lua handlers. Lua modules
+build page tables, GDTs, boot_params and e820 maps, and boot Linux kernels.]],
+  license = "MIT",
+  homepage = "https://example.invalid/luakvm",
+}
+supported_platforms = { "linux" }
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+external_dependencies = {
+  LIBELF = { header = "libelf.h", library = "elf" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["kvm.core"] = {
+      sources = { "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/exit.c",
+                  "csrc/serial.c", "csrc/legacy.c", "csrc/elf.c" },
+      libraries = { "elf" },
+      incdirs = { "csrc", "$(LIBELF_INCDIR)" },
+      libdirs = { "$(LIBELF_LIBDIR)" },
+      defines = {},
+    },
+    ["kvm"] = "lua/kvm/init.lua",
+    ["kvm.x86"] = "lua/kvm/x86.lua",
+    ["kvm.bootparams"] = "lua/kvm/bootparams.lua",
+    ["kvm.e820"] = "lua/kvm/e820.lua",
+    ["kvm.linux"] = "lua/kvm/linux.lua",
+    ["kvm.hostprofile"] = "lua/kvm/hostprofile.lua",
+  },
+  install = {
+    bin = { ["kvm-boot"] = "examples/boot_linux.lua" },
+  },
+}
+test = {
+  type = "command",
+  command = "lua5.4 spec/run.lua --exclude-tags=e2e",
+}
