@@ -12,6 +12,7 @@ GUESTS_S  = $(wildcard examples/guests/*.S spec/guest/*.S)
 GUESTS    = $(GUESTS_S:.S=.bin)
 BUSTED   ?= busted
 
+.DEFAULT_GOAL := all
 .PHONY: all test e2e check-memory bench kernel clean caps deps run
 
 # Debian 12 packages the build, the tests and the default kernel need

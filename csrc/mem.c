@@ -280,12 +280,13 @@ static int l_mem_load(lua_State *L) {
     return 3;
   }
   struct stat st;
-  if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-    int en = S_ISDIR(st.st_mode) ? EISDIR : errno;
+  int bad = fstat(fd, &st) < 0 ? errno : 0;
+  if (bad || !S_ISREG(st.st_mode)) {
+    int en = bad ? bad : S_ISDIR(st.st_mode) ? EISDIR : 0;
     close(fd);
     luaL_pushfail(L);
     lua_pushfstring(L, "%s: %s", path, en ? strerror(en) : "not a regular file");
-    lua_pushinteger(L, en);
+    lua_pushinteger(L, en ? en : EINVAL);
     return 3;
   }
   uint64_t fsize = (uint64_t)st.st_size;
@@ -383,7 +384,7 @@ void kvm_open_memory(lua_State *L) {
   lua_setfield(L, -2, "methods");
   lua_pushcfunction(L, l_mem_index); lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, l_mem_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_mem_gc); lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, l_mem_close); lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, l_mem_tostring); lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
 }

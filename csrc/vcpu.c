@@ -97,10 +97,13 @@ static void push_fields(lua_State *L, const void *base, const Field *f) {
   }
 }
 
-/* set base's field named k from the value at the stack top; 0 if unknown */
-static int set_field(lua_State *L, void *base, const Field *f, const char *k, const char *ctx) {
+/* set base's field named k from the value at the stack top; 0 if unknown.
+   Errors name the field `shown` in `ctx`. */
+static int set_field_as(lua_State *L, void *base, const Field *f, const char *k,
+                        const char *shown, const char *ctx) {
   for (; f->name; f++) {
     if (strcmp(f->name, k) == 0) {
+      k = shown;
       int ok;
       lua_Integer v = lua_tointegerx(L, -1, &ok);
       if (!ok && lua_isboolean(L, -1)) { v = lua_toboolean(L, -1); ok = 1; }
@@ -116,6 +119,10 @@ static int set_field(lua_State *L, void *base, const Field *f, const char *k, co
     }
   }
   return 0;
+}
+
+static int set_field(lua_State *L, void *base, const Field *f, const char *k, const char *ctx) {
+  return set_field_as(L, base, f, k, k, ctx);
 }
 
 static const Field regs_fields[] = {
@@ -427,7 +434,12 @@ static int l_vcpu_set_events(lua_State *L) {
     for (int i = 0; ev_parts[i].name; i++)
       if (strcmp(k, ev_parts[i].name) == 0) part = i;
     if (strcmp(k, "sipi_vector") == 0) {
-      e.sipi_vector = (uint32_t)luaL_checkinteger(L, -1);
+      int ok;
+      lua_Integer v = lua_tointegerx(L, -1, &ok);
+      if (!ok || v < 0 || v > 0xffffffffLL)
+        return luaL_error(L, "bad field 'sipi_vector' in events (integer expected, got %s)",
+                          luaL_typename(L, -1));
+      e.sipi_vector = (uint32_t)v;
       e.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
     } else if (part < 0 || !lua_istable(L, -1)) {
       return luaL_error(L, "bad key '%s' in events", k);
@@ -437,7 +449,7 @@ static int l_vcpu_set_events(lua_State *L) {
         const char *fk = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
         char full[64];
         snprintf(full, sizeof full, "%s.%s", ev_parts[part].name, fk);
-        if (!set_field(L, &e, ev_parts[part].f, full, k))
+        if (!set_field_as(L, &e, ev_parts[part].f, full, fk, k))
           luaL_error(L, "bad field '%s' in %s (unknown field)", fk, k);
         if (part == 2 && strcmp(fk, "pending") == 0) e.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
         if (part == 1 && strcmp(fk, "shadow") == 0) e.flags |= KVM_VCPUEVENT_VALID_SHADOW;
@@ -539,8 +551,12 @@ enum { S_VCPU = 1, S_VM = 3, S_TAB, S_MSGH, S_IN, S_OUT, S_STOP, S_TOP = S_STOP 
 
 static int traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
-  if (msg == NULL && !lua_isnoneornil(L, 1))
-    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  }
   luaL_traceback(L, L, msg, 1);
   return 1;
 }
@@ -697,6 +713,14 @@ static int dispatch_io(lua_State *L, RunState *rs) {
   r->hits += count;
   int stop = 0;
   for (uint32_t i = 0; i < count; i++, data += size) {
+    if (i > 0 && r->kind == H_LUA) {
+      /* a handler may have removed or replaced claims: look again */
+      r = find_range(vm->io, vm->nio, port);
+      if (r == NULL) {
+        if (!is_write) memset(data, 0xff, (size_t)(bytes - (uint64_t)i * size));
+        break;
+      }
+    }
     switch (r->kind) {
     case H_LUA: {
       int st = call_lua(L, vm, c, r, port, is_write, size, data, &stop);
@@ -736,7 +760,8 @@ static int dispatch_io(lua_State *L, RunState *rs) {
     default:
       if (!is_write) memset(data, 0xff, size);
     }
-    if (stop || c->stop) break;
+    /* kvm.STOP / cpu:stop(): every element of this exit is still
+       dispatched (the instruction completes), then run() returns */
   }
   if (stop) { rs->why = "stopped"; return D_RETURN; }
   return D_CONTINUE;
@@ -937,7 +962,7 @@ void kvm_open_vcpu(lua_State *L) {
   lua_setfield(L, -2, "methods");
   lua_pushcfunction(L, l_vcpu_index); lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, l_vcpu_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_vcpu_gc); lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, l_vcpu_close); lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, l_vcpu_tostring); lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
 }

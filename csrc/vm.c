@@ -273,15 +273,12 @@ static int unclaim(Vm *vm, int is_mmio, uint64_t first, uint64_t last, int *kind
   return -1;
 }
 
-/* store fn in the VM's table, return its key */
-static int add_handler(lua_State *L, int fnarg) {
+/* a free integer key in the VM's handler table */
+static int free_ref(lua_State *L) {
   lua_getiuservalue(L, 1, 1);
   int ref = 1;
   while (lua_rawgeti(L, -1, ref) != LUA_TNIL) { lua_pop(L, 1); ref++; }
-  lua_pop(L, 1);
-  lua_pushvalue(L, fnarg);
-  lua_rawseti(L, -2, ref);
-  lua_pop(L, 1);
+  lua_pop(L, 2);
   return ref;
 }
 
@@ -314,8 +311,11 @@ static int set_handler(lua_State *L, int is_mmio, uint64_t first, uint64_t last,
       return 0;
     }
   }
-  int ref = add_handler(L, fnarg);
+  int ref = free_ref(L);
   kvm_claim(L, vm, is_mmio, first, last, H_LUA, ref, NULL);  /* may raise */
+  lua_getiuservalue(L, 1, 1);
+  lua_pushvalue(L, fnarg);
+  lua_rawseti(L, -2, ref);
   return 0;
 }
 
@@ -359,6 +359,14 @@ static int l_vm_on_mmio(lua_State *L) {
   luaL_argcheck(L, !__builtin_add_overflow(base, (uint64_t)len - 1, &last), 3,
                 "range wraps around the address space");
   luaL_checkany(L, 4);
+  Vm *vm = kvm_checkvm(L, 1);
+  for (int i = 0; i < KVM_MAX_REGIONS; i++) {
+    Memory *m = vm->regions[i];
+    if (m && m->host && base <= m->guest + m->size - 1 && m->guest <= last)
+      return luaL_error(L, "MMIO range %s-%s overlaps guest RAM %s-%s (accesses there never exit)",
+                        kvm_pushhex(L, base), kvm_pushhex(L, last), kvm_pushhex(L, m->guest),
+                        kvm_pushhex(L, m->guest + m->size - 1));
+  }
   return set_handler(L, 1, base, last, 4);
 }
 
@@ -496,7 +504,7 @@ void kvm_open_vm(lua_State *L) {
   luaL_newlib(L, vm_methods);
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, l_vm_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_vm_gc); lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, l_vm_close); lua_setfield(L, -2, "__close");
   lua_pushcfunction(L, l_vm_tostring); lua_setfield(L, -2, "__tostring");
   lua_pushliteral(L, VM_MT); lua_setfield(L, -2, "__name");
   lua_pop(L, 1);

@@ -125,6 +125,14 @@ function support.fd_count()
   return n
 end
 
+--- Wall-clock seconds (from /proc/uptime, 10 ms resolution).
+function support.now()
+  local f = assert(io.open("/proc/uptime"))
+  local t = f:read("n")
+  f:close()
+  return t
+end
+
 --- Full garbage collection, twice (finalizers run in the first).
 function support.gc()
   collectgarbage()
