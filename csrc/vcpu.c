@@ -875,6 +875,10 @@ static int l_vcpu_run(lua_State *L) {
         tl_tick = 0;
         if (rs.deadline && kvm_now_ns() >= rs.deadline) { rs.why = "timeout"; break; }
         if (vm->serial.enabled && vm->serial.in_fd >= 0) serial_poll_input(vm, &vm->serial);
+        if (vm->serial.enabled && (vm->serial.flush_wanted || vm->serial.out_len)) {
+          /* a prompt or an echoed key with no newline, while the guest idles */
+          if (serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) { outcome = D_ERROR; break; }
+        }
         continue;
       }
       rs.why = "intr";   /* some other signal */
@@ -898,6 +902,9 @@ static int l_vcpu_run(lua_State *L) {
       c->run->immediate_exit = 0;
       if (rs.deadline && kvm_now_ns() >= rs.deadline) { rs.why = "timeout"; break; }
       if (vm->serial.enabled && vm->serial.in_fd >= 0) serial_poll_input(vm, &vm->serial);
+      if (vm->serial.enabled && (vm->serial.flush_wanted || vm->serial.out_len)) {
+        if (serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) { outcome = D_ERROR; break; }
+      }
     }
   }
   /* out of the loop: restore everything before anything can raise */

@@ -150,7 +150,7 @@ function support.child(src)
   f:close()
   local p = assert(io.popen("lua5.4 " .. name .. " 2>&1"))
   local out = p:read("a")
-  local ok, how, code = p:close()
+  local _, how, code = p:close()
   os.remove(name)
   return code, out, how
 end

@@ -22,7 +22,7 @@ local ult = math.ult
 
 local linux = {}
 
-local KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+local MiB, GiB = 1 << 20, 1 << 30
 
 --- Kernel parameters for a quick, quiet boot on this VMM: serial console,
 -- no PCI scan (the PCI ports report no devices), a minimal i8042, reboot
@@ -47,8 +47,6 @@ linux.DEFAULT_LAYOUT = {
 }
 
 local function hex(v) return fmt("0x%x", v) end
-
-local function round_up(v, a) return (v + a - 1) & ~(a - 1) end
 
 --- A complete layout: the defaults, overridden by `user`, for `memory` bytes.
 -- @tparam integer memory RAM size in bytes

@@ -95,7 +95,6 @@ end
 
 describe("badargs", function()
   if not ok then pending("no /dev/kvm: " .. why) return end
-  local kvm = require "kvm"
 
   local path
   setup(function()

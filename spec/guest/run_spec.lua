@@ -537,7 +537,7 @@ describe("run loop", function()
     -- and vm:close() says "cannot close a kvm.vm while a vcpu runs" forever.
     it("a <close> VM variable in a handler does not close it mid-run [core bug]", function()
       local vm, cpu = guest(OUT2)
-      vm:on_io(0x10, function() do local v <close> = vm end end)
+      vm:on_io(0x10, function() do local v <close> = vm end end)  -- luacheck: ignore 211
       local ok_, msg = pcall(cpu.run, cpu, { unclaimed = "ignore" })
       assert.is_false(ok_)
       assert.matches("cannot close a kvm.vm while a vcpu runs", msg, 1, true)
@@ -546,7 +546,7 @@ describe("run loop", function()
 
     it("a <close> memory variable in a handler does not unmap RAM mid-run [core bug]", function()
       local vm, cpu, ram = guest(OUT2)
-      vm:on_io(0x10, function() do local r <close> = ram end end)
+      vm:on_io(0x10, function() do local r <close> = ram end end)  -- luacheck: ignore 211
       local ok_, msg = pcall(cpu.run, cpu, { unclaimed = "ignore" })
       assert.is_false(ram.closed)
       assert.is_false(ok_)

@@ -92,6 +92,33 @@ describe("16550A UART #guest", function()
     end)
   end)
 
+  it("is what Linux's 8250 autoconfig() calls a 16550A, without THRE/TXEN bugs", function()
+    local vm <close>, cpu = realmode(guest_bin("serial_autoconfig"),
+                                     function(v) v:serial{output = false} end)
+    run_to_exit(cpu)
+    local r = {}
+    for i = 0, 0x10 do r[i] = vm:u8(0x2000 + i) end
+    -- the decisions of drivers/tty/serial/8250/8250_port.c, in order
+    local function linux_type()
+      if r[0] & 0x0f ~= 0 or r[1] & 0x0f ~= 0x0f then return "none (IER test)" end
+      if r[2] & 0xf0 ~= 0x90 then return "none (LOOP test)" end
+      local fifo = r[3] >> 6
+      if fifo ~= 3 then return ({[0] = "8250/16450", "unknown", "16550"})[fifo] end
+      if r[4] == 0 then return "16650 (EFR with DLAB)" end
+      if r[5] == 0 then return "16650V2 (EFR with LCR 0xbf)" end
+      if (r[7] ~ r[6]) & 0x10 == 0 and (r[8] ~ r[6]) & 0x10 ~= 0 then return "NS16550A" end
+      if r[9] >> 5 == 6 and r[10] >> 5 == 7 then return "16750" end
+      if r[11] & 0x40 ~= 0 then return "XScale" end
+      if r[12] == 64 then return "U6_16550A" end
+      return "16550A"
+    end
+    assert.are.equal("16550A", linux_type())
+    assert.are.equal(16, r[12])
+    assert.are.equal(0, r[13] & 1, "THRE test: first IIR")
+    assert.are.equal(0, r[14] & 1, "THRE test: THRI not re-asserted (UART_BUG_THRE)")
+    assert.is_false(r[15] & 0x40 ~= 0 and r[16] & 1 ~= 0, "UART_BUG_TXEN")
+  end)
+
   describe("output", function()
     local msg = "hello from the guest\nno newline at the end"
 
