@@ -37,6 +37,7 @@ build = {
     ["kvm.e820"] = "lua/kvm/e820.lua",
     ["kvm.linux"] = "lua/kvm/linux.lua",
     ["kvm.hostprofile"] = "lua/kvm/hostprofile.lua",
+    ["kvm.emulate"] = "lua/kvm/emulate.lua",
   },
   install = {
     bin = { ["kvm-boot"] = "examples/boot_linux.lua" },

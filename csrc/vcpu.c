@@ -2,6 +2,11 @@
 ** vcpu.c - kvm.vcpu: registers, CPUID, MSRs, events, and the run loop
 ** with port/MMIO dispatch to C devices and Lua handlers.
 */
+
+/***
+A virtual CPU, made by `vm:vcpu(id)`: registers, CPUID, MSRs, events, run().
+@classmod kvm.vcpu
+*/
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -459,6 +464,73 @@ static int l_vcpu_set_events(lua_State *L) {
     lua_pop(L, 1);
   }
   if (ioctl(c->fd, KVM_SET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_SET_VCPU_EVENTS");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static const Field fpu_fields[] = {
+  F(struct kvm_fpu, fcw), F(struct kvm_fpu, fsw), F(struct kvm_fpu, ftwx),
+  F(struct kvm_fpu, last_opcode), F(struct kvm_fpu, last_ip), F(struct kvm_fpu, last_dp),
+  F(struct kvm_fpu, mxcsr), {NULL, 0, 0}
+};
+
+/*** x87/SSE state: {fcw, fsw, ftwx, last_opcode, last_ip, last_dp, mxcsr,
+fpr = {8 strings of 16 bytes}, xmm = {16 strings of 16 bytes}} (KVM_GET_FPU).
+@function vcpu:fpu
+*/
+static int l_vcpu_fpu(lua_State *L) {
+  Vcpu *c = kvm_checkvcpu(L, 1);
+  struct kvm_fpu f;
+  if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
+  lua_createtable(L, 0, 9);
+  push_fields(L, &f, fpu_fields);
+  lua_createtable(L, 8, 0);
+  for (int i = 0; i < 8; i++) {
+    lua_pushlstring(L, (const char *)f.fpr[i], 16);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "fpr");
+  lua_createtable(L, 16, 0);
+  for (int i = 0; i < 16; i++) {
+    lua_pushlstring(L, (const char *)f.xmm[i], 16);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "xmm");
+  return 1;
+}
+
+/* copy up to n 16-byte strings from the array at the stack top into dst */
+static void set_blocks(lua_State *L, uint8_t (*dst)[16], int n, const char *name) {
+  for (int i = 0; i < n; i++) {
+    if (lua_rawgeti(L, -1, i + 1) != LUA_TNIL) {
+      size_t len;
+      const char *b = lua_tolstring(L, -1, &len);
+      if (b == NULL || len != 16 || lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad field '%s[%d]' in fpu (16-byte string expected)", name, i + 1);
+      memcpy(dst[i], b, 16);
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/*** Set x87/SSE state; only the keys given change (KVM_SET_FPU).
+@function vcpu:set_fpu
+*/
+static int l_vcpu_set_fpu(lua_State *L) {
+  Vcpu *c = kvm_checkvcpu(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  struct kvm_fpu f;
+  if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+    if (k && strcmp(k, "fpr") == 0 && lua_istable(L, -1)) set_blocks(L, f.fpr, 8, k);
+    else if (k && strcmp(k, "xmm") == 0 && lua_istable(L, -1)) set_blocks(L, f.xmm, 16, k);
+    else if (k == NULL || !set_field(L, &f, fpu_fields, k, "fpu"))
+      return luaL_error(L, "bad key '%s' in fpu (unknown field)", luaL_tolstring(L, -2, NULL));
+    lua_pop(L, 1);
+  }
+  if (ioctl(c->fd, KVM_SET_FPU, &f) < 0) return kvm_fail(L, "KVM_SET_FPU");
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -946,6 +1018,8 @@ static const luaL_Reg vcpu_methods[] = {
   {"events", l_vcpu_events},
   {"set_events", l_vcpu_set_events},
   {"translate", l_vcpu_translate},
+  {"fpu", l_vcpu_fpu},
+  {"set_fpu", l_vcpu_set_fpu},
   {"run", l_vcpu_run},
   {"stop", l_vcpu_stop},
   {"stats", l_vcpu_stats},

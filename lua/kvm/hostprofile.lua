@@ -11,16 +11,24 @@
 --   cleared (`xsave`/`xrstor` in the FPU code).
 -- * kernel parameters: `noxsave clearcpuid=151,308` (POPCNT, SMAP: the kernel
 --   also patches some of these in from its own feature words).
--- * exits: `int3` (0xcc) that the host cannot deliver becomes an injected #BP
---   with RIP past it; `fwait` (0x9b) with no x87 exception pending is skipped.
+-- * exits (kvm.emulate): `int3` (0xcc) that the host cannot deliver becomes
+--   an injected #BP with RIP past it; `fwait` (0x9b) with no x87 exception
+--   pending is skipped; `ldmxcsr`/`stmxcsr` are emulated.
+-- * `nosoftlockup`: the kernel's boot-time self-checks are slow under
+--   emulation and would print soft-lockup backtraces (slower still).
 --
 -- @module kvm.hostprofile
 local hostprofile = {}
 
 local fmt = string.format
+local emulate = require "kvm.emulate"
 
 --- Clear bit `bit` of register `reg` in CPUID leaf `func` (all subleaves, or `index`).
 -- @tparam table entries as kvm.supported_cpuid() returns
+-- @tparam integer func the leaf (CPUID function)
+-- @tparam string reg "eax", "ebx", "ecx" or "edx"
+-- @tparam integer bit 0..31
+-- @tparam[opt] integer index the subleaf; all of them when nil
 function hostprofile.clear_cpuid_bit(entries, func, reg, bit, index)
   for _, e in ipairs(entries) do
     if e.func == func and (index == nil or e.index == index) then
@@ -35,29 +43,18 @@ function hostprofile.hex_bytes(s)
 end
 
 --- Recover from an emulation failure the pvm host reports for an instruction
--- a real CPU would have executed. Returns true when the guest can resume.
+-- a real CPU would have executed (kvm.emulate: int3, fwait, ldmxcsr,
+-- stmxcsr). Returns true when the guest can resume.
 -- @param e the Exit
--- @param ctx {cpu = vcpu, log = function(msg)?}
+-- @param ctx {cpu = vcpu, vm = vm, log = function(msg)?}
 function hostprofile.pvm_on_exit(e, ctx)
   if e.reason ~= "internal_error" or e.suberror ~= 1 or not e.insn then return false end
-  local cpu = ctx.cpu
-  local op = e.insn:byte(1)
-  local log = ctx.log
-  if op == 0xcc then
-    -- int3: deliver #BP as the CPU would (trap: RIP after the instruction)
-    local r = cpu:regs()
-    cpu:set_regs{ rip = r.rip + 1 }
-    cpu:set_events{ exception = { injected = 1, nr = 3, has_error_code = 0 } }
-    if log then log(fmt("pvm: int3 at 0x%x injected as #BP", r.rip)) end
-    return true
-  elseif op == 0x9b then
-    -- fwait with no unmasked x87 exception pending is a no-op
-    local r = cpu:regs()
-    cpu:set_regs{ rip = r.rip + 1 }
-    if log then log(fmt("pvm: fwait at 0x%x skipped", r.rip)) end
-    return true
+  ctx.emulate_state = ctx.emulate_state or {}
+  local ok, what = emulate.step(e, ctx.cpu, ctx.vm, ctx.emulate_state)
+  if ctx.log then
+    ctx.log(fmt("pvm: %s at 0x%x: %s", hostprofile.hex_bytes(e.insn:sub(1, 6)), e.rip or 0, what))
   end
-  return false
+  return ok
 end
 
 --- The profile for kvm_pvm.
@@ -65,7 +62,7 @@ hostprofile.pvm = {
   name = "pvm",
   description = "kvm_pvm software KVM: CPUID and kernel parameters that avoid " ..
     "instructions its emulator lacks, int3/fwait recovery",
-  cmdline = "noxsave clearcpuid=151,308",
+  cmdline = "noxsave clearcpuid=151,308 nosoftlockup",
   cpuid = function(entries)
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 13)   -- CX16
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 23)   -- POPCNT
