@@ -25,7 +25,7 @@ build = {
   modules = {
     ["kvm.core"] = {
       sources = { "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/exit.c",
-                  "csrc/serial.c", "csrc/legacy.c", "csrc/elf.c" },
+                  "csrc/serial.c", "csrc/legacy.c", "csrc/elf.c", "csrc/sandbox.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },
       libdirs = { "$(LIBELF_LIBDIR)" },

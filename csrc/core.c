@@ -4,6 +4,11 @@
 ** Objects live in their own files: vm.c (kvm.vm), mem.c (kvm.memory),
 ** vcpu.c (kvm.vcpu and the run loop), exit.c (kvm.exit).
 */
+
+/***
+The C core's module functions (`require "kvm"` gives them too).
+@module kvm.core
+*/
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -222,6 +227,7 @@ static const luaL_Reg funcs[] = {
   {"supported_cpuid", l_supported_cpuid},
   {"host_info", l_host_info},
   {"now", l_now},
+  {"sandbox", l_sandbox},
   {NULL, NULL}
 };
 

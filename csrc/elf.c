@@ -10,6 +10,10 @@
 ** in a userdata made before the file is opened, and the Lua results are
 ** built after the file is unmapped and closed.
 */
+
+/*** vm:load_elf, below, is a method of kvm.vm.
+@classmod kvm.vm
+*/
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>

@@ -3,6 +3,11 @@
 ** Fields are decoded once, when run() returns, into a table (uservalue 2);
 ** the vCPU is pinned by uservalue 1 so e:reply() can answer the guest.
 */
+
+/***
+Why `cpu:run()` returned: `e.reason` and the decoded fields of the exit.
+@classmod kvm.exit
+*/
 #define _GNU_SOURCE
 #include <string.h>
 #include <sys/ioctl.h>

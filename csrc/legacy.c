@@ -9,6 +9,10 @@
 ** legacy_io returns 1 when the guest asks for a reset (i8042 pulse of the
 ** reset line, output port bit 0 cleared, or 0xcf9 bit 2).
 */
+
+/*** vm:legacy_ports and vm:boot_markers, below, are methods of kvm.vm.
+@classmod kvm.vm
+*/
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>

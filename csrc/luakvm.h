@@ -203,4 +203,7 @@ int  legacy_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, unsigned size, u
 int  l_vm_legacy_ports(lua_State *L);                 /* vm:legacy_ports{...} */
 int  l_vm_boot_markers(lua_State *L);                 /* vm:boot_markers() */
 
+/* sandbox.c */
+int  l_sandbox(lua_State *L);                         /* kvm.sandbox{allow=, action=} */
+
 #endif

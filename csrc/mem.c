@@ -1,6 +1,11 @@
 /*
 ** mem.c - kvm.memory: a host mapping registered as a guest memory slot.
 */
+
+/***
+A guest memory region (a KVM memory slot), made by `vm:memory{...}`.
+@classmod kvm.memory
+*/
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -347,6 +352,7 @@ static int l_mem_dirty_pages(lua_State *L) {
   int k = 1;
   for (size_t w = 0; w < words; w++)
     for (uint64_t b = bm[w]; b; b &= b - 1) {
+      /* NOLINTNEXTLINE(bugprone-misplaced-widening-cast): w * 64 < 2^63 (a page index) */
       lua_pushinteger(L, (lua_Integer)(w * 64 + (size_t)__builtin_ctzll(b)));
       lua_rawseti(L, -2, k++);
     }

@@ -14,6 +14,10 @@
 ** MSR mirrors MCR in loopback, IIR bits 7-6 report the FIFO enable and
 ** bit 5 stays 0, and the receive FIFO holds exactly 16 bytes.
 */
+
+/*** vm:serial, below, is a method of kvm.vm.
+@classmod kvm.vm
+*/
 #include <errno.h>
 #include <poll.h>
 #include <string.h>

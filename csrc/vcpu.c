@@ -507,6 +507,7 @@ static void set_blocks(lua_State *L, uint8_t (*dst)[16], int n, const char *name
       const char *b = lua_tolstring(L, -1, &len);
       if (b == NULL || len != 16 || lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "bad field '%s[%d]' in fpu (16-byte string expected)", name, i + 1);
+      /* NOLINTNEXTLINE(clang-analyzer-core.NonNullParamChecker): luaL_error does not return */
       memcpy(dst[i], b, 16);
     }
     lua_pop(L, 1);

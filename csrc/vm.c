@@ -2,6 +2,12 @@
 ** vm.c - kvm.vm: the VM object, guest-physical access, in-kernel devices,
 ** and the port/MMIO claim tables the run loop dispatches from.
 */
+
+/***
+A virtual machine, made by `kvm.vm()`: guest memory, vCPUs, in-kernel devices,
+the port and MMIO claims the run loop dispatches.
+@classmod kvm.vm
+*/
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>

@@ -65,6 +65,8 @@ bootparams.LOADER_UNDEFINED = 0xff
 
 --- Fields of `struct setup_header`: `{name, offset (from boot_params), format}`,
 -- in order. The formats are `string.pack` formats, little-endian.
+-- @table hdr_fields
+-- @field i `{name, offset, format}`, for i = 1, 2, ... in offset order
 bootparams.hdr_fields = {
   { "setup_sects",           0x1f1, "<I1" },
   { "root_flags",            0x1f2, "<I2" },
@@ -110,6 +112,8 @@ bootparams.hdr_fields = {
 --- Top-level fields of `struct boot_params` a loader sets (`{name, offset,
 -- format}`); the setup header (`hdr`) and `e820_table` are handled apart, and
 -- `e820_entries` (0x1e8) is derived from the e820 list.
+-- @table fields
+-- @field i `{name, offset, format}`, for i = 1, 2, ... in offset order
 bootparams.fields = {
   { "tboot_addr",              0x058, "<I8" },
   { "acpi_rsdp_addr",          0x070, "<I8" },

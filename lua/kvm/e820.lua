@@ -120,7 +120,7 @@ end
 -- unchanged.
 -- @tparam integer addr first address (unsigned 64-bit)
 -- @tparam integer size bytes, > 0
--- @tparam integer type entry type (`e820.RAM`, `e820.RESERVED`, ...), 1..0xffffffff
+-- @tparam integer ty entry type (`e820.RAM`, `e820.RESERVED`, ...), 1..0xffffffff
 -- @treturn map the map itself
 -- @raise on a size of 0 or below, a range past 2^64, a non-integer, an overlap
 --   with another type, or more than `max` entries

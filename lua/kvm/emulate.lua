@@ -14,6 +14,7 @@ local REG64 = { "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
 
 --- Decode prefixes and a ModRM memory operand (64-bit mode).
 -- @tparam string insn the instruction bytes
+-- @tparam integer opcode_len bytes of opcode after the prefixes (1, or 2 for 0f xx)
 -- @treturn table {rex=, opcode_at=, modrm=, reg=, length=, ea = function(regs) -> address}
 -- or nil, why
 function emulate.decode_modrm(insn, opcode_len)

@@ -67,10 +67,12 @@ local VCPU = {
   msrs = { { { 0x174 } }, accepts = { [1] = "table" } },
   set_msrs = { { { [0x174] = 0 } }, accepts = { [1] = "table" } },
   set_events = { { {} }, accepts = { [1] = "table" } },
+  set_fpu = { { { fcw = 0x37f } }, accepts = { [1] = "table" } },
   translate = { { 0x1000 }, accepts = { [1] = "negative maxinteger" } },
   run = { { { max_exits = 1 } }, accepts = { [1] = "nil table" } },
 }
-local VCPU_NOARGS = { close = true, regs = true, sregs = true, events = true, stop = true, stats = true }
+local VCPU_NOARGS = { close = true, regs = true, sregs = true, events = true, stop = true, stats = true,
+                      fpu = true }
 
 local EXIT = {
   -- the exit is a 1-byte "in": "x" is one raw byte

@@ -1,0 +1,133 @@
+/*
+** fuzz_exit.c - libFuzzer harness for the exit decoder (csrc/exit.c) and
+** the run loop's port/MMIO dispatch (csrc/vcpu.c), fed a kvm_run page of
+** fuzzed bytes: exit_reason, io.size/count/port/data_offset, mmio.len,
+** internal.ndata, ... are all whatever the input says.
+**
+** The test hook: vcpu.c is #included here (and left out of the harness's
+** other sources) so its static dispatch_io/dispatch_mmio can be called
+** without changing the library. A real VM and vCPU are made once, with Lua
+** port and MMIO handlers that return values, nil, kvm.STOP, bad types and
+** errors, and replace their own claims; the UART, the legacy ports and a
+** debug-exit port. For each input the vCPU's kvm_run pointer is pointed at
+** the fuzzed page for the call and restored after; the exit that results
+** is printed, copied and replied to. ASan/UBSan are the oracle.
+**
+** Input: byte 0 bit 0 = run{unclaimed = "ignore"}; the rest is the page.
+*/
+#include "fuzz_common.h"
+#include "../../csrc/vcpu.c"   /* static dispatch_io, dispatch_mmio, RunState */
+
+static lua_State *L;
+static uint8_t *page;
+static size_t page_size;
+
+static const char *SETUP =
+  "local kvm = require 'kvm'\n"
+  "local vm = assert(kvm.vm())\n"
+  "vm:memory{ guest = 0, size = 1 << 20 }\n"
+  "local cpu = assert(vm:vcpu(0))\n"
+  "local out = 0\n"
+  "vm:serial{ output = function(b) out = out + #b end }\n"
+  "vm:legacy_ports()\n"
+  "vm:debug_exit(0x501)\n"
+  "local low\n"
+  "low = function(port, dir, size, value)\n"
+  "  local k = port & 0xf\n"
+  "  if k == 1 then return nil\n"
+  "  elseif k == 2 then return kvm.STOP\n"
+  "  elseif k == 3 then error('handler error')\n"
+  "  elseif k == 4 then return 'a string'\n"
+  "  elseif k == 5 then return 1.5\n"
+  "  elseif k == 6 then vm:on_io({ 0x10, 0x1f }, nil); vm:on_io({ 0x10, 0x1f }, low)\n"
+  "  elseif k == 7 then vm:on_io({ 0x10, 0x1f }, nil)\n"
+  "  elseif k == 8 then cpu:stop()\n"
+  "  end\n"
+  "  return math.mininteger | port\n"
+  "end\n"
+  "vm:on_io({ 0x10, 0x1f }, low)\n"
+  "vm:on_io({ 0x8000, 0xffff }, function(port) return 0x5a end)\n"
+  "vm:on_mmio(0xd0000000, 0x1000, function(addr, dir, len, value)\n"
+  "  local k = addr & 3\n"
+  "  if k == 1 then return kvm.STOP elseif k == 2 then error('mmio error') end\n"
+  "  return -1\n"
+  "end)\n"
+  "vm:on_mmio(-0x1000, 0x1000, function() return 7 end)\n"
+  "local function check(dispatch, ignore)\n"
+  "  -- the claims a handler may have dropped\n"
+  "  pcall(vm.on_io, vm, { 0x10, 0x1f }, low)\n"
+  "  local ok, e = pcall(dispatch, cpu, ignore)\n"
+  "  if not ok then return end                 -- a handler's error: fine\n"
+  "  if type(e.reason) ~= 'string' then error('exit without a reason', 0) end\n"
+  "  local s = tostring(e)\n"
+  "  local f = e:fields()\n"
+  "  pcall(e.reply, e, 0x1234)\n"
+  "  pcall(e.reply, e, '\\1\\2\\3\\4')\n"
+  "  pcall(e.reply, e, f.data or '')\n"
+  "end\n"
+  "return { cpu = cpu, check = check }\n";
+
+/* dispatch the exit in c->run as run() does, then return the exit that
+   run() would return (or raise a handler's error) */
+static int fuzz_dispatch(lua_State *L_) {
+  Vcpu *c = kvm_checkvcpu(L_, 1);
+  Vm *vm = c->vm;
+  int ignore = lua_toboolean(L_, 2);
+  lua_settop(L_, 2);
+  lua_getiuservalue(L_, 1, 1);          /* S_VM */
+  lua_getiuservalue(L_, S_VM, 1);       /* S_TAB */
+  lua_pushcfunction(L_, traceback);     /* S_MSGH */
+  lua_pushliteral(L_, "in");            /* S_IN */
+  lua_pushliteral(L_, "out");           /* S_OUT */
+  lua_pushlightuserdata(L_, &kvm_stop_key);  /* S_STOP */
+  RunState rs;
+  memset(&rs, 0, sizeof rs);
+  rs.c = c;
+  rs.vm = vm;
+  rs.unclaimed_ignore = ignore;
+  c->running = 1;
+  vm->running++;
+  c->seq++;
+  uint32_t reason = c->run->exit_reason;
+  int outcome = D_RETURN;
+  if (reason == KVM_EXIT_IO) outcome = dispatch_io(L_, &rs);
+  else if (reason == KVM_EXIT_MMIO) outcome = dispatch_mmio(L_, &rs);
+  c->running = 0;
+  vm->running--;
+  if (c->stop) { c->stop = 0; if (!rs.why) rs.why = "stopped"; }
+  if (outcome == D_ERROR) return lua_error(L_);
+  if (vm->serial.enabled && vm->serial.out_len && serial_flush(L_, vm, S_VM, S_MSGH) != LUA_OK)
+    return lua_error(L_);
+  return kvm_push_exit(L_, 1, c, rs.why);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  if (L == NULL) {
+    if (!fuzz_kvm_ok()) exit(0);
+    L = fuzz_lua();
+    fuzz_chunk(L, "fuzz_exit", SETUP);
+  }
+  if (size < 1) return 0;
+  lua_getfield(L, LUA_REGISTRYINDEX, "fuzz_exit");
+  int t = lua_gettop(L);
+  lua_getfield(L, t, "cpu");
+  Vcpu *c = (Vcpu *)luaL_checkudata(L, -1, VCPU_MT);
+  lua_pop(L, 1);
+  if (page == NULL) {
+    page_size = c->run_size;
+    page = malloc(page_size);
+    if (page == NULL) abort();
+  }
+  memset(page, 0, page_size);
+  memcpy(page, data + 1, size - 1 < page_size ? size - 1 : page_size);
+  struct kvm_run *real = c->run;
+  c->run = (struct kvm_run *)page;      /* restored below, before anything else runs */
+  lua_getfield(L, t, "check");
+  lua_pushcfunction(L, fuzz_dispatch);
+  lua_pushboolean(L, data[0] & 1);
+  int st = lua_pcall(L, 2, 0, 0);
+  c->run = real;
+  if (st != LUA_OK) fuzz_die(L, "fuzz_exit");
+  lua_settop(L, 0);
+  return 0;
+}
