@@ -17,7 +17,8 @@ BUSTED   ?= busted
 
 # Debian 12 packages the build, the tests and the default kernel need
 DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make \
-           pkg-config lz4 cpio busybox-static gzip
+           pkg-config lz4 cpio busybox-static gzip \
+           lua-check cppcheck clang-tidy clang libclang-rt-14-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps:
