@@ -32,7 +32,7 @@ local function rockspec_sources()
   return env.build.modules["kvm.core"].sources
 end
 
-describe("the rock", function()
+describe("#rock the rock", function()
   it("builds every C file of csrc/ into kvm.core", function()
     local listed = {}
     for _, s in ipairs(rockspec_sources()) do listed[s] = true end
