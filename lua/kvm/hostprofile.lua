@@ -8,7 +8,10 @@
 --
 -- * CPUID: CX16 cleared (SLUB's `lock cmpxchg16b`), POPCNT cleared (`popcnt`
 --   in hweight), SMAP cleared (`clac`/`stac` at exception entry), XSAVE
---   cleared (`xsave`/`xrstor` in the FPU code).
+--   cleared (`xsave`/`xrstor` in the FPU code), SSSE3, SSE4.1/4.2, AES-NI and
+--   PCLMULQDQ cleared (the host's emulator lacks SSE register moves such as
+--   `movd`, which the kernel's SSSE3 blake2s uses at ~670 s of boot), so the
+--   kernel picks its generic C code.
 -- * kernel parameters: `noxsave clearcpuid=151,308` (POPCNT, SMAP: the kernel
 --   also patches some of these in from its own feature words).
 -- * exits (kvm.emulate): `int3` (0xcc) that the host cannot deliver becomes
@@ -64,6 +67,11 @@ hostprofile.pvm = {
     "instructions its emulator lacks, int3/fwait recovery",
   cmdline = "noxsave clearcpuid=151,308 nosoftlockup",
   cpuid = function(entries)
+    hostprofile.clear_cpuid_bit(entries, 1, "ecx", 1)    -- PCLMULQDQ
+    hostprofile.clear_cpuid_bit(entries, 1, "ecx", 9)    -- SSSE3 (blake2s_compress_ssse3: movd)
+    hostprofile.clear_cpuid_bit(entries, 1, "ecx", 19)   -- SSE4.1
+    hostprofile.clear_cpuid_bit(entries, 1, "ecx", 20)   -- SSE4.2
+    hostprofile.clear_cpuid_bit(entries, 1, "ecx", 25)   -- AES-NI
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 13)   -- CX16
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 23)   -- POPCNT
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 26)   -- XSAVE
