@@ -23,6 +23,9 @@
 --   pending is skipped; `ldmxcsr`/`stmxcsr` are emulated.
 -- * `nosoftlockup`: the kernel's boot-time self-checks are slow under
 --   emulation and would print soft-lockup backtraces (slower still).
+-- * `cryptomgr.notests audit=0 lsm=capability`: privileged guest code runs
+--   emulated here, so boot-time work costs ~100x; these skip the crypto
+--   self-tests (minutes), audit and the LSMs (AppArmor, TOMOYO, IMA/EVM).
 --
 -- @module kvm.hostprofile
 local hostprofile = {}
@@ -69,7 +72,8 @@ hostprofile.pvm = {
   name = "pvm",
   description = "kvm_pvm software KVM: CPUID and kernel parameters that avoid " ..
     "instructions its emulator lacks, int3/fwait recovery",
-  cmdline = "noxsave clearcpuid=129,137,141,147,148,151,153,308 nosoftlockup",
+  cmdline = "noxsave clearcpuid=129,137,141,147,148,151,153,308 nosoftlockup " ..
+    "cryptomgr.notests audit=0 lsm=capability",
   cpuid = function(entries)
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 1)    -- PCLMULQDQ
     hostprofile.clear_cpuid_bit(entries, 1, "ecx", 9)    -- SSSE3 (blake2s_compress_ssse3: movd)
