@@ -320,7 +320,16 @@ function linux.setup(opts)
   if opts.cpuid then entries = opts.cpuid(entries) or entries end
   local okc, cperr = cpu:set_cpuid(entries)
   if not okc then return fail(cperr) end
-  x86.long_mode(cpu, vm, { gdt = layout.gdt, page_tables = layout.page_tables, map_size = 4 * GiB })
+  -- 1 GiB pages when the guest's CPUID offers them (pdpe1gb), else 2 MiB
+  local huge_1g = layout.huge_1g
+  if huge_1g == nil then
+    huge_1g = false
+    for _, ent in ipairs(entries) do
+      if ent.func == 0x80000001 and (ent.edx >> 26) & 1 == 1 then huge_1g = true end
+    end
+  end
+  x86.long_mode(cpu, vm, { gdt = layout.gdt, page_tables = layout.page_tables, map_size = 4 * GiB,
+                           huge_1g = huge_1g })
   cpu:set_regs{ rip = entry, rsi = layout.zero_page, rflags = x86.RFLAGS_RESERVED, rsp = 0 }
 
   return {
