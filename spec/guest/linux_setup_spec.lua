@@ -1,0 +1,118 @@
+-- kvm.linux.setup on small crafted kernels: where everything lands, what the
+-- zero page says, the registers; and the layout checks.
+local kvm = require "kvm"
+local linux = require "kvm.linux"
+local bootparams = require "kvm.bootparams"
+
+local function tmpfile(bytes)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "wb"))
+  f:write(bytes)
+  f:close()
+  return path
+end
+
+-- a bzImage: one setup sector after the boot sector, then the payload
+local PAYLOAD = ("\x90"):rep(0x200) .. "\xf4" .. ("K"):rep(4096 - 0x201)
+local function bzimage(over)
+  local hdr = { setup_sects = 1, boot_flag = 0xaa55, jump = 0x6aeb, header = bootparams.HDRS_MAGIC,
+                version = 0x020f, loadflags = 1, initrd_addr_max = 0x7fffffff,
+                kernel_alignment = 0x200000, relocatable_kernel = 1, xloadflags = 1,
+                cmdline_size = 255, pref_address = 0x1000000, init_size = 0x20000 }
+  for k, v in pairs(over or {}) do hdr[k] = v end
+  return bootparams.pack{ hdr = hdr }:sub(1, 1024) .. PAYLOAD
+end
+
+-- an ELF64 x86-64 executable with one PT_LOAD
+local function elf(paddr, code, memsz)
+  local ehdr = string.pack("<c4BBBBBc7I2I2I4I8I8I8I4I2I2I2I2I2I2",
+    "\127ELF", 2, 1, 1, 0, 0, ("\0"):rep(7), 2, 62, 1, paddr, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+  local phdr = string.pack("<I4I4I8I8I8I8I8I8", 1, 5, 0x1000, paddr | 0xffffffff80000000, paddr,
+    #code, memsz, 0x1000)
+  return ehdr .. phdr .. ("\0"):rep(0x1000 - 64 - 56) .. code
+end
+
+describe("#guest kvm.linux.setup", function()
+  local ok, why = kvm.available()
+  local files = {}
+  local function keep(p) files[#files + 1] = p return p end
+  teardown(function() for _, p in ipairs(files) do os.remove(p) end end)
+
+  it("loads a bzImage at pref_address, fills the zero page and the registers", function()
+    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    local kernel = keep(tmpfile(bzimage()))
+    local initrd = keep(tmpfile(("I"):rep(5000)))
+    local ctx = assert(linux.setup{ kernel = kernel, initrd = initrd, memory = 32 << 20,
+      cmdline = "console=ttyS0 spec", profile = false, output = function() end })
+    assert.equal("bzimage", ctx.kind)
+    assert.equal(0x1000000 + 0x200, ctx.entry)
+    assert.equal(PAYLOAD, ctx.vm:read(0x1000000, #PAYLOAD))
+    local bp = bootparams.unpack(ctx.vm:read(ctx.layout.zero_page, 4096))
+    assert.equal(0xff, bp.hdr.type_of_loader)
+    assert.equal(0xaa55, bp.hdr.boot_flag)
+    assert.equal(bootparams.HDRS_MAGIC, bp.hdr.header)
+    assert.equal(ctx.layout.cmdline, bp.hdr.cmd_line_ptr)
+    assert.equal("console=ttyS0 spec\0", ctx.vm:read(ctx.layout.cmdline, 19))
+    assert.equal(ctx.initrd.addr, bp.hdr.ramdisk_image)
+    assert.equal(5000, bp.hdr.ramdisk_size)
+    assert.equal(0, ctx.initrd.addr & 0xfff)
+    assert.equal(("I"):rep(5000), ctx.vm:read(ctx.initrd.addr, 5000))
+    assert.is_true(ctx.initrd.addr + 5000 <= 32 << 20)
+    assert.equal(1, bp.hdr.loadflags & bootparams.LOADED_HIGH)
+    assert.equal(4, #bp.e820)
+    assert.same({ addr = 0, size = 0x9fc00, type = 1 }, bp.e820[1])
+    assert.same({ addr = 0x100000, size = (32 << 20) - 0x100000, type = 1 }, bp.e820[3])
+    local r = ctx.cpu:regs()
+    assert.equal(ctx.entry, r.rip)
+    assert.equal(ctx.layout.zero_page, r.rsi)
+    local s = ctx.cpu:sregs()
+    assert.equal(0x10, s.cs.selector)
+    assert.equal(1, s.cs.l)
+    ctx.vm:close()
+  end)
+
+  it("loads an ELF at its physical address and enters at e_entry", function()
+    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    local code = "\xb0\x07"             -- mov al, 7
+              .. "\x66\xba\x01\x05"     -- mov dx, 0x501
+              .. "\xee"                 -- out dx, al
+              .. ("E"):rep(9)
+    local kernel = keep(tmpfile(elf(0x200000, code, 64)))
+    local ctx = assert(linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
+      output = function() end })
+    assert.equal("elf", ctx.kind)
+    assert.equal(0x200000, ctx.entry)
+    assert.equal(code .. ("\0"):rep(48), ctx.vm:read(0x200000, 64))
+    -- the guest really starts there (hlt would not exit: the in-kernel LAPIC
+    -- handles it), and reports through the debug-exit port
+    ctx.vm:debug_exit()
+    local e = ctx.cpu:run{ timeout = 5 }
+    assert.equal("debug_exit", e.reason)
+    assert.equal(7, e.code)
+    ctx.vm:close()
+  end)
+
+  it("refuses a layout whose parts overlap or leave RAM, before any VM exists", function()
+    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    local kernel = keep(tmpfile(bzimage()))
+    local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
+      layout = { zero_page = 0x20000 } }
+    assert.is_nil(ctx)
+    local last = 0x20000 + #linux.DEFAULT_CMDLINE   -- the command line and its NUL
+    assert.equal(("layout: zero_page (0x20000-0x20fff) overlaps cmdline (0x20000-0x%x)"):format(last), err)
+    ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
+      layout = { cmdline = 0x3000000 } }
+    assert.is_nil(ctx)
+    assert.equal(("layout: cmdline (0x3000000-0x%x) is outside guest RAM"):format(
+      0x3000000 + #linux.DEFAULT_CMDLINE), err)
+  end)
+
+  it("checks the command line against cmdline_size", function()
+    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    local kernel = keep(tmpfile(bzimage{ cmdline_size = 16 }))
+    local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
+      cmdline = ("x"):rep(17) }
+    assert.is_nil(ctx)
+    assert.equal("command line is 17 bytes, the kernel accepts at most 16", err)
+  end)
+end)
