@@ -188,7 +188,7 @@ for r = 1, ROUNDS do
   if have_kernel then kc[r] = kernel_memcpy(); kl[r] = kernel_load() end
 end
 if ROUNDS > 0 then io.stderr:write("\r\27[2K") end
-local function ratio_le(g) return function(_, ratio) return ratio <= g end end
+local function ratio_le(g) return function(_, ratio) return ratio ~= nil and ratio <= g end end
 row("1a port-I/O exit, C device (us)", cdev_t, floor_t, "<=1.03x", ratio_le(1.03))
 row("1b port-I/O exit, Lua handler (us)", lua_t, floor_t, "<=1.10x", ratio_le(1.10))
 row("2  VM lifecycle (ms)", life_l, life_c, "<=1.2x", ratio_le(1.2))
@@ -204,7 +204,7 @@ if BOOT_ROUNDS > 0 and have_kernel then
   local boot = dofile "bench/boot.lua"
   local res = boot.measure(BOOT_ROUNDS, function(msg) io.stderr:write("\r\27[2K", msg) end)
   io.stderr:write("\r\27[2K")
-  local samples = {}
+  local samples, cmdline = {}, res.cmdline
   for _, who in ipairs{ "ours", "qemu" } do
     local s = { own = {}, anon = {}, console = {}, first = {} }
     for r, b in ipairs(res[who]) do
@@ -221,6 +221,10 @@ if BOOT_ROUNDS > 0 and have_kernel then
           :format(who, r, b.stopped or "?", b.last:sub(1, 80))
       end
       if b.first then s.first[#s.first + 1] = b.first end
+      if b.cmdline ~= cmdline then
+        notes[#notes + 1] = ("%s round %d: the kernel's command line differs from the expected one: %s")
+          :format(who, r, tostring(b.cmdline))
+      end
     end
     samples[who] = s
   end
@@ -243,7 +247,7 @@ local function first_line(cmd) return (sh(cmd .. " 2>/dev/null || true"):match("
 local cpu = first_line("grep -m1 '^model name' /proc/cpuinfo"):match(":%s*(.*)") or "?"
 local pvm = os.execute("test -d /sys/module/kvm_pvm") and ", kvm_pvm (software KVM)" or ""
 local out = {}
-local function say(fmt, ...) out[#out + 1] = fmt:format(...) end
+local function say(fmt, ...) out[#out + 1] = (fmt:format(...):gsub("%s+$", "")) end
 say("luakvm bench, %s; Linux %s, %s, %s CPUs%s", os.date("!%Y-%m-%d %H:%M UTC"), first_line("uname -r"),
   cpu, first_line("nproc"), pvm)
 say("%-36s %-27s %-27s %7s %8s %4s", "row: median [min..max]", "luakvm", "reference", "ratio", "goal", "met")
