@@ -1,0 +1,58 @@
+-- End-to-end: Debian's cloud kernel with the busybox initramfs (`make kernel`)
+-- to /init and an interactive shell, typed at through the serial console.
+-- On this machine's software KVM (kvm_pvm) the boot takes ~10-15 minutes and
+-- relies on the pvm host profile (kernel parameters, int3/fwait/ldmxcsr
+-- recovery). Tagged e2e and userspace.
+local kvm = require "kvm"
+local linux = require "kvm.linux"
+
+local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
+
+local function exists(p)
+  local f = io.open(p, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+describe("#e2e #userspace Linux to a shell", function()
+  local ok, why = kvm.available()
+
+  it("reaches /init, which prints its marker, and answers a command typed at its shell", function()
+    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    if not exists(DIR .. "/vmlinux") or not exists(DIR .. "/initramfs.cpio.gz") then
+      return pending("no kernel or initramfs in " .. DIR .. ": run make kernel")
+    end
+    -- the keyboard: a child that types one command once told to, then waits
+    local go, done = os.tmpname(), os.tmpname()
+    os.remove(go); os.remove(done)
+    local typist = assert(io.popen(("sh -c 'while [ ! -e %s ]; do sleep 0.2; done; " ..
+      "printf \"echo luakvm-\\$((6*7))\\n\"; while [ ! -e %s ]; do sleep 0.2; done'"):format(go, done), "r"))
+    local seen, ctx = "", nil
+    local stage = "init"
+    local function output(bytes)
+      io.stderr:write(bytes)
+      seen = (seen .. bytes):sub(-8192)
+      if stage == "init" and seen:find("LUAKVM-INIT-OK", 1, true) then
+        stage = "shell"
+        seen = ""
+        local f = assert(io.open(go, "w")); f:close()
+      elseif stage == "shell" and seen:find("luakvm-42", 1, true) then
+        stage = "done"
+        ctx.cpu:stop()
+      end
+    end
+    local err
+    ctx, err = linux.setup{ kernel = DIR .. "/vmlinux", initrd = DIR .. "/initramfs.cpio.gz",
+                            memory = 128 << 20, output = output, input = typist }
+    assert(ctx, err)
+    ctx.log = function(msg) io.stderr:write("\n[userspace_spec] ", msg, "\n") end
+    local e = linux.run(ctx, { timeout = 2400 })
+    local f = io.open(done, "w"); if f then f:close() end
+    typist:close()
+    os.remove(go); os.remove(done)
+    ctx.vm:close()
+    assert.are_not.equal("init", stage, "no LUAKVM-INIT-OK from /init; run ended with " .. tostring(e))
+    assert.equal("done", stage, "the shell did not answer; run ended with " .. tostring(e))
+    assert.equal("stopped", e.reason)
+  end)
+end)
