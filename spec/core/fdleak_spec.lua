@@ -133,8 +133,10 @@ describe("file descriptors and child processes #guest", function()
     local function ls()
       local p = assert(io.popen("ls -l /proc/" .. support.pid() .. "/fd"))
       local t = {}
+      -- pipes are left out: popen'd FILEs of earlier specs may be collected
+      -- at any time, and none of the calls below could open a pipe
       for fd, target in p:read("a"):gmatch(" (%d+) %-> ([^\n]*)") do
-        t[#t + 1] = fd .. " -> " .. (target:match("^pipe:") and "pipe" or target)
+        if not target:match("^pipe:") then t[#t + 1] = fd .. " -> " .. target end
       end
       p:close()
       return table.concat(t, "\n")
