@@ -50,25 +50,111 @@ function support.slurp(path)
   return s
 end
 
+--- Pack an ELF64 file (little-endian unless data = 2).
+-- t: class, data, machine, type, entry, phoff, phentsize, phnum (override
+-- the header), segments = { {type=, flags=, paddr=, vaddr=, offset=,
+-- filesz=, memsz=, align=, data=}, ... } (type defaults to PT_LOAD, vaddr to
+-- paddr, filesz to #data, memsz to filesz, offset to where data is placed),
+-- truncate = n (keep the first n bytes), align = payload alignment (default
+-- 16; 1 packs the payloads right after the program headers).
+-- @return the file's bytes
+function support.make_elf(t)
+  t = t or {}
+  local segs = t.segments or {}
+  local phoff = t.phoff or 64
+  local body_at = 64 + 56 * #segs
+  -- payloads follow the program headers, `align`-byte aligned
+  local align = t.align or 16
+  local payload, placed = {}, {}
+  local at = (body_at + align - 1) & ~(align - 1)
+  for i, s in ipairs(segs) do
+    local data = s.data or ""
+    placed[i] = at
+    payload[#payload + 1] = { at = at, data = data }
+    at = (at + #data + align - 1) & ~(align - 1)
+  end
+  local ehdr = string.pack("<c4BBBBBc7I2I2I4I8I8I8I4I2I2I2I2I2I2",
+    "\x7fELF", t.class or 2, t.data or 1, 1, 0, 0, string.rep("\0", 7),
+    t.type or 2, t.machine or 62, 1, t.entry or 0, phoff, 0, 0,
+    64, t.phentsize or 56, t.phnum or #segs, 64, 0, 0)
+  local phdrs = {}
+  for i, s in ipairs(segs) do
+    local filesz = s.filesz or #(s.data or "")
+    phdrs[i] = string.pack("<I4I4I8I8I8I8I8I8",
+      s.type or 1, s.flags or 5, s.offset or placed[i],
+      s.vaddr or s.paddr or 0, s.paddr or 0, filesz, s.memsz or filesz,
+      s.align or 16)
+  end
+  local parts = { ehdr, table.concat(phdrs) }
+  local len = body_at
+  for _, p in ipairs(payload) do
+    parts[#parts + 1] = string.rep("\0", p.at - len)
+    parts[#parts + 1] = p.data
+    len = p.at + #p.data
+  end
+  local bytes = table.concat(parts)
+  if t.truncate then bytes = bytes:sub(1, t.truncate) end
+  return bytes
+end
+
+--- Write bytes to a fresh temporary file; its path is appended to `keep`
+-- (when given) for the spec's teardown to remove.
+-- @return the path
+function support.write_tmp(bytes, keep)
+  local path = os.tmpname()
+  if keep then keep[#keep + 1] = path end
+  local f = assert(io.open(path, "wb"))
+  f:write(bytes)
+  f:close()
+  return path
+end
+
+--- The bytes of spec/guest/NAME.bin (a flat binary `make` assembles from
+-- spec/guest/NAME.S); raises when it has not been built.
+function support.guest_bin(name)
+  local path = "spec/guest/" .. name .. ".bin"
+  local f = io.open(path, "rb")
+  if not f then error(path .. " is missing: run `make` first", 2) end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+--- Real mode: out and in of widths 1, 2, 4 on `port`; what the ins read is
+-- stored at 0x2000 (byte), 0x2002 (word), 0x2004 (dword).
+function support.widths_guest(port)
+  return "\xba" .. string.pack("<I2", port)  -- mov dx, port
+      .. "\xb0\x12"                    -- mov al, 0x12
+      .. "\xee"                        -- out dx, al
+      .. "\xb8\x34\x12"                -- mov ax, 0x1234
+      .. "\xef"                        -- out dx, ax
+      .. "\x66\xb8\x78\x56\x34\x12"    -- mov eax, 0x12345678
+      .. "\x66\xef"                    -- out dx, eax
+      .. "\xec"                        -- in al, dx
+      .. "\xa2\x00\x20"                -- mov [0x2000], al
+      .. "\xed"                        -- in ax, dx
+      .. "\xa3\x02\x20"                -- mov [0x2002], ax
+      .. "\x66\xed"                    -- in eax, dx
+      .. "\x66\xa3\x04\x20"            -- mov [0x2004], eax
+      .. "\xf4"                        -- hlt
+end
+
 --- Create a VM with `support.RAM` bytes of memory at 0 and vCPU 0, load a
 -- guest at 0x1000 and point rip at it.
 -- @param code the guest: a byte string, or the name of a flat binary built
 --   by make from spec/guest/NAME.S ("name.bin")
 -- @tparam[opt] table opts `mode` = "real" (default: 16-bit, segments 0),
 --   "protected" (flat 32-bit) or "long" (64-bit, identity-mapped 4 GiB);
---   `size` = RAM bytes; `regs` = extra registers for set_regs
+--   `size` = RAM bytes; `regs` = extra registers for set_regs; `setup` =
+--   function(vm) called before the vCPU is created (devices, irqchip)
 -- @return vm, cpu, ram
 function support.guest(code, opts)
   opts = opts or {}
-  if code:match("^[%w_%-]+%.bin$") then
-    local path = "spec/guest/" .. code
-    local f = io.open(path, "rb")
-    if not f then error(path .. " is missing: run make", 2) end
-    code = f:read("a")
-    f:close()
-  end
+  local name = code:match("^([%w_%-]+)%.bin$")
+  if name then code = support.guest_bin(name) end
   local vm = assert(kvm.vm())
   local ram = vm:memory{ guest = 0, size = opts.size or support.RAM }
+  if opts.setup then opts.setup(vm) end
   local cpu = assert(vm:vcpu(0))
   local mode = opts.mode or "real"
   if mode == "real" then x86.real_mode(cpu)

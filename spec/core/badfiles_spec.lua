@@ -10,33 +10,13 @@ local ok, why = support.kvm_ok()
 
 local MEM = 32 << 20
 
---- An ELF64 file. t: class, data, machine, type, entry, phoff, phentsize,
--- phnum override the header; segments = { {type=, paddr=, vaddr=, offset=,
--- filesz=, memsz=, data=}, ... } (type PT_LOAD, vaddr = paddr, filesz = #data,
--- memsz = filesz and offset = where data goes, unless given); truncate = n.
+--- An ELF64 file (support.make_elf) with payloads packed right after the
+-- program headers and the entry at 1 MiB unless given.
 local function make_elf(t)
   t = t or {}
-  local segs = t.segments or {}
-  local at = 64 + 56 * #segs
-  local placed, body = {}, {}
-  for i, s in ipairs(segs) do
-    placed[i] = at
-    body[#body + 1] = s.data or ""
-    at = at + #(s.data or "")
-  end
-  local out = { string.pack("<c4BBBBBc7I2I2I4I8I8I8I4I2I2I2I2I2I2",
-    "\x7fELF", t.class or 2, t.data or 1, 1, 0, 0, string.rep("\0", 7),
-    t.type or 2, t.machine or 62, 1, t.entry or 0x100000, t.phoff or 64, 0, 0,
-    64, t.phentsize or 56, t.phnum or #segs, 64, 0, 0) }
-  for i, s in ipairs(segs) do
-    local filesz = s.filesz or #(s.data or "")
-    out[#out + 1] = string.pack("<I4I4I8I8I8I8I8I8", s.type or 1, 5, s.offset or placed[i],
-      s.vaddr or s.paddr or 0, s.paddr or 0, filesz, s.memsz or filesz, 16)
-  end
-  for _, b in ipairs(body) do out[#out + 1] = b end
-  local bytes = table.concat(out)
-  if t.truncate then bytes = bytes:sub(1, t.truncate) end
-  return bytes
+  local u = { align = 1, entry = 0x100000 }
+  for k, v in pairs(t) do u[k] = v end
+  return support.make_elf(u)
 end
 
 --- The smallest good kernel: one segment at 1 MiB, hlt.
@@ -81,14 +61,7 @@ end
 
 local tmpfiles = {}
 
-local function write_tmp(bytes)
-  local path = os.tmpname()
-  tmpfiles[#tmpfiles + 1] = path
-  local f = assert(io.open(path, "wb"))
-  f:write(bytes)
-  f:close()
-  return path
-end
+local function write_tmp(bytes) return support.write_tmp(bytes, tmpfiles) end
 
 --- A sparse file of `size` bytes starting with `head`.
 local function sparse_tmp(head, size)

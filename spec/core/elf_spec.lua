@@ -4,53 +4,11 @@
 -- that every byte the loader writes, or must not write, shows.
 
 local kvm = require "kvm.core"
+local support = require "support"
 
 local MEM = 2 << 20
 
---- Pack an ELF64 file (little-endian unless data = 2).
--- t: class, data, machine, type, entry, phoff, phentsize, phnum (override
--- the header), segments = { {type=, flags=, paddr=, vaddr=, offset=,
--- filesz=, memsz=, align=, data=}, ... } (type defaults to PT_LOAD, vaddr to
--- paddr, filesz to #data, memsz to filesz, offset to where data is placed),
--- truncate = n (keep the first n bytes).
--- @return the file's bytes
-local function make_elf(t)
-  t = t or {}
-  local segs = t.segments or {}
-  local phoff = t.phoff or 64
-  local body_at = 64 + 56 * #segs
-  -- payloads follow the program headers, 16-byte aligned
-  local payload, placed = {}, {}
-  local at = (body_at + 15) & ~15
-  for i, s in ipairs(segs) do
-    local data = s.data or ""
-    placed[i] = at
-    payload[#payload + 1] = { at = at, data = data }
-    at = (at + #data + 15) & ~15
-  end
-  local ehdr = string.pack("<c4BBBBBc7I2I2I4I8I8I8I4I2I2I2I2I2I2",
-    "\x7fELF", t.class or 2, t.data or 1, 1, 0, 0, string.rep("\0", 7),
-    t.type or 2, t.machine or 62, 1, t.entry or 0, phoff, 0, 0,
-    64, t.phentsize or 56, t.phnum or #segs, 64, 0, 0)
-  local phdrs = {}
-  for i, s in ipairs(segs) do
-    local filesz = s.filesz or #(s.data or "")
-    phdrs[i] = string.pack("<I4I4I8I8I8I8I8I8",
-      s.type or 1, s.flags or 5, s.offset or placed[i],
-      s.vaddr or s.paddr or 0, s.paddr or 0, filesz, s.memsz or filesz,
-      s.align or 16)
-  end
-  local parts = { ehdr, table.concat(phdrs) }
-  local len = body_at
-  for _, p in ipairs(payload) do
-    parts[#parts + 1] = string.rep("\0", p.at - len)
-    parts[#parts + 1] = p.data
-    len = p.at + #p.data
-  end
-  local bytes = table.concat(parts)
-  if t.truncate then bytes = bytes:sub(1, t.truncate) end
-  return bytes
-end
+local make_elf = support.make_elf
 
 --- A 52-byte ELF32 header for i386 with no program headers.
 local function make_elf32()
@@ -61,16 +19,7 @@ end
 
 local tmpfiles = {}
 
---- Write bytes to a fresh temporary file, removed after the test.
--- @return its path
-local function write_tmp(bytes)
-  local path = os.tmpname()
-  tmpfiles[#tmpfiles + 1] = path
-  local f = assert(io.open(path, "wb"))
-  f:write(bytes)
-  f:close()
-  return path
-end
+local function write_tmp(bytes) return support.write_tmp(bytes, tmpfiles) end
 
 local have_kvm do
   local f = io.open("/dev/kvm", "r")

@@ -30,24 +30,7 @@ local INSB_64K = "\xb8\x00\x10"    -- mov ax, 0x1000
               .. "\xf3\x6c"        -- rep insb
               .. "\xf4"            -- hlt
 
--- real mode: out and in of widths 1, 2, 4 on port `port`; what the ins read
--- goes to 0x2000 (byte), 0x2002 (word), 0x2004 (dword)
-local function widths(port)
-  return "\xba" .. string.pack("<I2", port)  -- mov dx, port
-      .. "\xb0\x12"                    -- mov al, 0x12
-      .. "\xee"                        -- out dx, al
-      .. "\xb8\x34\x12"                -- mov ax, 0x1234
-      .. "\xef"                        -- out dx, ax
-      .. "\x66\xb8\x78\x56\x34\x12"    -- mov eax, 0x12345678
-      .. "\x66\xef"                    -- out dx, eax
-      .. "\xec"                        -- in al, dx
-      .. "\xa2\x00\x20"                -- mov [0x2000], al
-      .. "\xed"                        -- in ax, dx
-      .. "\xa3\x02\x20"                -- mov [0x2002], ax
-      .. "\x66\xed"                    -- in eax, dx
-      .. "\x66\xa3\x04\x20"            -- mov [0x2004], eax
-      .. "\xf4"                        -- hlt
-end
+local widths = support.widths_guest
 
 -- long mode: MMIO writes then reads of 1, 2, 4 and 8 bytes at 0xd0000000
 -- (identity-mapped, no RAM there); each read is stored zero-extended at

@@ -4,28 +4,17 @@
 -- read at 0x2000..
 
 local kvm = require "kvm"
+local support = require "support"
 
 local available, why = kvm.available()
 
-local function guest_bin(name)
-  local path = "spec/guest/" .. name .. ".bin"
-  local f = io.open(path, "rb")
-  if not f then error(path .. " is missing: run `make` first", 2) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local guest_bin = support.guest_bin
 
 local function realmode(code, parts)
-  local vm = assert(kvm.vm())
-  vm:memory{guest = 0, size = 1 << 20}
-  vm:debug_exit(0x501)
-  vm:legacy_ports(parts)
-  vm:write(0x1000, code)
-  local cpu = vm:vcpu(0)
-  cpu:set_sregs{cs = {base = 0, selector = 0}, ds = {base = 0, selector = 0}}
-  cpu:set_regs{rip = 0x1000, rflags = 2}
-  return vm, cpu
+  return support.guest(code, { size = 1 << 20, setup = function(vm)
+    vm:debug_exit(0x501)
+    vm:legacy_ports(parts)
+  end })
 end
 
 --- BCD byte -> the two decimal digits it shows

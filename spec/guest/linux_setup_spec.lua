@@ -1,16 +1,10 @@
 -- kvm.linux.setup on small crafted kernels: where everything lands, what the
 -- zero page says, the registers; and the layout checks.
 local kvm = require "kvm"
+local support = require "support"
 local linux = require "kvm.linux"
 local bootparams = require "kvm.bootparams"
 
-local function tmpfile(bytes)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "wb"))
-  f:write(bytes)
-  f:close()
-  return path
-end
 
 -- a bzImage: one setup sector after the boot sector, then the payload
 local PAYLOAD = ("\x90"):rep(0x200) .. "\xf4" .. ("K"):rep(4096 - 0x201)
@@ -23,25 +17,23 @@ local function bzimage(over)
   return bootparams.pack{ hdr = hdr }:sub(1, 1024) .. PAYLOAD
 end
 
--- an ELF64 x86-64 executable with one PT_LOAD
+-- an ELF64 x86-64 executable with one PT_LOAD at paddr (vaddr in the kernel's
+-- high half), entering at paddr
 local function elf(paddr, code, memsz)
-  local ehdr = string.pack("<c4BBBBBc7I2I2I4I8I8I8I4I2I2I2I2I2I2",
-    "\127ELF", 2, 1, 1, 0, 0, ("\0"):rep(7), 2, 62, 1, paddr, 64, 0, 0, 64, 56, 1, 64, 0, 0)
-  local phdr = string.pack("<I4I4I8I8I8I8I8I8", 1, 5, 0x1000, paddr | 0xffffffff80000000, paddr,
-    #code, memsz, 0x1000)
-  return ehdr .. phdr .. ("\0"):rep(0x1000 - 64 - 56) .. code
+  return support.make_elf{ entry = paddr, segments = {
+    { paddr = paddr, vaddr = paddr | 0xffffffff80000000, data = code, memsz = memsz } } }
 end
 
 describe("#guest kvm.linux.setup", function()
   local ok, why = kvm.available()
   local files = {}
-  local function keep(p) files[#files + 1] = p return p end
+  local function tmpfile(bytes) return support.write_tmp(bytes, files) end
   teardown(function() for _, p in ipairs(files) do os.remove(p) end end)
 
   it("loads a bzImage at pref_address, fills the zero page and the registers", function()
     if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
-    local kernel = keep(tmpfile(bzimage()))
-    local initrd = keep(tmpfile(("I"):rep(5000)))
+    local kernel = tmpfile(bzimage())
+    local initrd = tmpfile(("I"):rep(5000))
     local ctx = assert(linux.setup{ kernel = kernel, initrd = initrd, memory = 32 << 20,
       cmdline = "console=ttyS0 spec", profile = false, output = function() end })
     assert.equal("bzimage", ctx.kind)
@@ -77,7 +69,7 @@ describe("#guest kvm.linux.setup", function()
               .. "\x66\xba\x01\x05"     -- mov dx, 0x501
               .. "\xee"                 -- out dx, al
               .. ("E"):rep(9)
-    local kernel = keep(tmpfile(elf(0x200000, code, 64)))
+    local kernel = tmpfile(elf(0x200000, code, 64))
     local ctx = assert(linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
       output = function() end })
     assert.equal("elf", ctx.kind)
@@ -94,7 +86,7 @@ describe("#guest kvm.linux.setup", function()
 
   it("refuses a layout whose parts overlap or leave RAM, before any VM exists", function()
     if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
-    local kernel = keep(tmpfile(bzimage()))
+    local kernel = tmpfile(bzimage())
     local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
       layout = { zero_page = 0x20000 } }
     assert.is_nil(ctx)
@@ -109,7 +101,7 @@ describe("#guest kvm.linux.setup", function()
 
   it("checks the command line against cmdline_size", function()
     if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
-    local kernel = keep(tmpfile(bzimage{ cmdline_size = 16 }))
+    local kernel = tmpfile(bzimage{ cmdline_size = 16 })
     local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
       cmdline = ("x"):rep(17) }
     assert.is_nil(ctx)

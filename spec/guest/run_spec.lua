@@ -16,20 +16,7 @@ local OUT_IN = "\xb0\x41"          -- mov al, 0x41
             .. "\xa2\x00\x20"      -- mov [0x2000], al
             .. "\xf4"              -- hlt
 
-local WIDTHS = "\xba\x13\x00"              -- mov dx, 0x13
-            .. "\xb0\x12"                  -- mov al, 0x12
-            .. "\xee"                      -- out dx, al
-            .. "\xb8\x34\x12"              -- mov ax, 0x1234
-            .. "\xef"                      -- out dx, ax
-            .. "\x66\xb8\x78\x56\x34\x12"  -- mov eax, 0x12345678
-            .. "\x66\xef"                  -- out dx, eax
-            .. "\xec"                      -- in al, dx
-            .. "\xa2\x00\x20"              -- mov [0x2000], al
-            .. "\xed"                      -- in ax, dx
-            .. "\xa3\x02\x20"              -- mov [0x2002], ax
-            .. "\x66\xed"                  -- in eax, dx
-            .. "\x66\xa3\x04\x20"          -- mov [0x2004], eax
-            .. "\xf4"                      -- hlt
+local WIDTHS = support.widths_guest(0x13)
 
 local OUTSB = "\xba\x10\x00"       -- mov dx, 0x10
            .. "\xbe\x00\x20"       -- mov si, 0x2000

@@ -5,30 +5,19 @@
 -- debug-exit port 0x501.
 
 local kvm = require "kvm"
+local support = require "support"
 
 local available, why = kvm.available()
 
-local function guest_bin(name)
-  local path = "spec/guest/" .. name .. ".bin"
-  local f = io.open(path, "rb")
-  if not f then error(path .. " is missing: run `make` first", 2) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local guest_bin = support.guest_bin
 
 --- A VM with 1 MiB of RAM, port 0x501 as debug exit, code at 0x1000.
 -- setup(vm) runs before the vCPU is made (vm:serial goes there).
 local function realmode(code, setup)
-  local vm = assert(kvm.vm())
-  vm:memory{guest = 0, size = 1 << 20}
-  vm:debug_exit(0x501)
-  if setup then setup(vm) end
-  vm:write(0x1000, code)
-  local cpu = vm:vcpu(0)
-  cpu:set_sregs{cs = {base = 0, selector = 0}, ds = {base = 0, selector = 0}}
-  cpu:set_regs{rip = 0x1000, rflags = 2}
-  return vm, cpu
+  return support.guest(code, { size = 1 << 20, setup = function(vm)
+    vm:debug_exit(0x501)
+    if setup then setup(vm) end
+  end })
 end
 
 --- Run until the guest's debug exit; fail with the exit otherwise.
