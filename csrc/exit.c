@@ -63,22 +63,31 @@ static const char *suberror_name(uint32_t s) {
   }
 }
 
+uint8_t *kvm_io_data(const Vcpu *c, uint64_t *bytes) {
+  const struct kvm_run *run = c->run;
+  unsigned size = run->io.size;
+  uint64_t off = run->io.data_offset, end;
+  if ((size != 1 && size != 2 && size != 4) || run->io.count == 0 ||
+      __builtin_mul_overflow((uint64_t)size, (uint64_t)run->io.count, bytes) ||
+      __builtin_add_overflow(off, *bytes, &end) || end > c->run_size ||
+      off < sizeof(struct kvm_run) - sizeof(run->s))
+    return NULL;
+  return (uint8_t *)run + off;
+}
+
 /* decode c->run into the fields table at the top of the stack */
 static void decode(lua_State *L, Vcpu *c, uint32_t reason) {
   struct kvm_run *run = c->run;
   switch (reason) {
   case KVM_EXIT_IO: {
     unsigned size = run->io.size;
-    uint32_t count = run->io.count;
-    uint64_t off = run->io.data_offset, bytes, end;
+    uint64_t bytes;
+    const uint8_t *d = kvm_io_data(c, &bytes);
     setint(L, "port", run->io.port);
     setstr(L, "direction", run->io.direction == KVM_EXIT_IO_OUT ? "out" : "in");
     setint(L, "size", size);
-    setint(L, "count", count);
-    if ((size == 1 || size == 2 || size == 4) && count &&
-        !__builtin_mul_overflow((uint64_t)size, (uint64_t)count, &bytes) &&
-        !__builtin_add_overflow(off, bytes, &end) && end <= c->run_size) {
-      const uint8_t *d = (const uint8_t *)run + off;
+    setint(L, "count", run->io.count);
+    if (d) {
       uint64_t v = 0;
       memcpy(&v, d, size);
       lua_pushlstring(L, (const char *)d, (size_t)bytes);
@@ -196,12 +205,8 @@ static int l_exit_reply(lua_State *L) {
   unsigned unit;
   if (e->reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_IN) {
     unit = run->io.size;
-    uint64_t end;
-    if ((unit != 1 && unit != 2 && unit != 4) ||
-        __builtin_mul_overflow((uint64_t)unit, (uint64_t)run->io.count, &bytes) ||
-        __builtin_add_overflow(run->io.data_offset, bytes, &end) || end > c->run_size)
-      return luaL_error(L, "reply() to a malformed I/O exit");
-    dst = (uint8_t *)run + run->io.data_offset;
+    dst = kvm_io_data(c, &bytes);
+    if (dst == NULL) return luaL_error(L, "reply() to a malformed I/O exit");
   } else if (e->reason == KVM_EXIT_MMIO && !run->mmio.is_write && run->mmio.len <= 8) {
     unit = run->mmio.len;
     bytes = unit;

@@ -181,6 +181,10 @@ void kvm_open_memory(lua_State *L);   /* mem.c */
 void kvm_open_vcpu(lua_State *L);     /* vcpu.c */
 void kvm_open_exit(lua_State *L);     /* exit.c */
 int  kvm_push_exit(lua_State *L, int vcpu_idx, Vcpu *c, const char *reason_override);
+/* the data of the current port-I/O exit, size * count bytes (*bytes), when
+   KVM's size, count and data_offset put it inside the kvm_run mapping past
+   its header; NULL for a malformed exit (exit.c) */
+uint8_t *kvm_io_data(const Vcpu *c, uint64_t *bytes);
 int  kvm_elf_load(lua_State *L);      /* elf.c: vm:load_elf(path) */
 
 /* serial.c */

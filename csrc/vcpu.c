@@ -764,18 +764,15 @@ static int dispatch_io(lua_State *L, RunState *rs) {
   struct kvm_run *run = c->run;
   unsigned size = run->io.size;
   uint32_t count = run->io.count;
-  uint64_t off = run->io.data_offset, bytes, end;
+  uint64_t bytes;
   int is_write = run->io.direction == KVM_EXIT_IO_OUT;
   uint16_t port = run->io.port;
   /* untrusted: the data must lie inside the kvm_run mapping */
-  if ((size != 1 && size != 2 && size != 4) || count == 0 ||
-      __builtin_mul_overflow((uint64_t)size, (uint64_t)count, &bytes) ||
-      __builtin_add_overflow(off, bytes, &end) || end > c->run_size ||
-      off < sizeof(struct kvm_run) - sizeof(run->s)) {
+  uint8_t *data = kvm_io_data(c, &bytes);
+  if (data == NULL) {
     rs->why = "bad_io";
     return D_RETURN;
   }
-  uint8_t *data = (uint8_t *)run + off;
   if (vm->port_hits) vm->port_hits[port] += count;
   Range *r = find_range(vm->io, vm->nio, port);
   if (r == NULL) {
@@ -865,6 +862,24 @@ static int dispatch_mmio(lua_State *L, RunState *rs) {
   return D_CONTINUE;
 }
 
+/* the periodic tick (timer signal): the deadline, serial input, and output
+   left without a newline (a prompt, an echoed key) while the guest idles */
+static int run_tick(lua_State *L, RunState *rs) {
+  Vm *vm = rs->vm;
+  Serial *s = &vm->serial;
+  tl_tick = 0;
+  rs->c->run->immediate_exit = 0;
+  if (rs->deadline && kvm_now_ns() >= rs->deadline) {
+    rs->why = "timeout";
+    return D_RETURN;
+  }
+  if (s->enabled && s->in_fd >= 0) serial_poll_input(vm, s);
+  if (s->enabled && (s->flush_wanted || s->out_len) &&
+      serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
+    return D_ERROR;
+  return D_CONTINUE;
+}
+
 static int opt_field(lua_State *L, int t, const char *k) {
   return lua_getfield(L, t, k);
 }
@@ -945,13 +960,8 @@ static int l_vcpu_run(lua_State *L) {
       if (c->stop) { c->stop = 0; rs.why = "stopped"; break; }
       if (tl_int) { rs.why = "intr"; break; }
       if (tl_tick) {
-        tl_tick = 0;
-        if (rs.deadline && kvm_now_ns() >= rs.deadline) { rs.why = "timeout"; break; }
-        if (vm->serial.enabled && vm->serial.in_fd >= 0) serial_poll_input(vm, &vm->serial);
-        if (vm->serial.enabled && (vm->serial.flush_wanted || vm->serial.out_len)) {
-          /* a prompt or an echoed key with no newline, while the guest idles */
-          if (serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) { outcome = D_ERROR; break; }
-        }
+        outcome = run_tick(L, &rs);
+        if (outcome != D_CONTINUE) break;
         continue;
       }
       rs.why = "intr";   /* some other signal */
@@ -970,15 +980,7 @@ static int l_vcpu_run(lua_State *L) {
     if (c->stop) { c->stop = 0; rs.why = "stopped"; outcome = D_RETURN; break; }
     if (tl_int) { rs.why = "intr"; break; }
     if (rs.max_exits && nexits >= rs.max_exits) { rs.why = "max_exits"; break; }
-    if (tl_tick) {
-      tl_tick = 0;
-      c->run->immediate_exit = 0;
-      if (rs.deadline && kvm_now_ns() >= rs.deadline) { rs.why = "timeout"; break; }
-      if (vm->serial.enabled && vm->serial.in_fd >= 0) serial_poll_input(vm, &vm->serial);
-      if (vm->serial.enabled && (vm->serial.flush_wanted || vm->serial.out_len)) {
-        if (serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) { outcome = D_ERROR; break; }
-      }
-    }
+    if (tl_tick && (outcome = run_tick(L, &rs)) != D_CONTINUE) break;
   }
   /* out of the loop: restore everything before anything can raise */
   run_cleanup(&rs);
