@@ -71,17 +71,6 @@ opts.output = function(bytes)
     if line and line ~= "" then last_line = line end
   end
 end
-if status then
-  local last_report = 0
-  opts.on_exit = function(e)
-    if e.reason == "timeout" and os.time() - last_report >= 5 then
-      last_report = os.time()
-      io.stderr:write(string.format("\r\27[2K[boot_linux %4ds] %s\n", os.time() - start, last_line:sub(1, 100)))
-      return true
-    end
-    return false
-  end
-end
 -- keyboard input goes to the guest when stdin is a terminal or a pipe
 opts.input = io.stdin
 
@@ -95,21 +84,10 @@ if ctx.profile then
 end
 ctx.log = function(msg) io.stderr:write("\r\nboot_linux: ", msg, "\r\n") end
 
-local run_opts = { timeout = opts.timeout }
-if status and not opts.timeout then run_opts.timeout = 5 end
-local deadline = opts.timeout and os.time() + opts.timeout
-local e
-while true do
-  if deadline then
-    run_opts.timeout = math.max(deadline - os.time(), 0.01)
-    if status then run_opts.timeout = math.min(run_opts.timeout, 5) end
-  end
-  e = ctx.cpu:run(run_opts)
-  local resume = ctx.profile and ctx.profile.on_exit and ctx.profile.on_exit(e, ctx)
-  if not resume and opts.on_exit then resume = opts.on_exit(e, ctx) end
-  if not resume and e.reason == "timeout" and deadline and os.time() < deadline then resume = true end
-  if not resume then break end
-end
+local e = linux.run(ctx, { timeout = opts.timeout, every = status and 5 or nil,
+  on_tick = function(_, elapsed)
+    io.stderr:write(string.format("\r\27[2K[boot_linux %4ds] %s\n", math.floor(elapsed), last_line:sub(1, 100)))
+  end })
 
 local elapsed = os.time() - start
 io.stdout:flush()

@@ -108,7 +108,7 @@ if not ctx then
   io.stderr:write("trace_io: ", err, "\n")
   os.exit(1)
 end
-local vm, cpu = ctx.vm, ctx.cpu
+local vm = ctx.vm
 
 --- Who claimed `port`: "serial", "legacy", "lua", "debug_exit" or "-".
 local function owner(claims, port)
@@ -150,24 +150,8 @@ end
 
 -- run, stopping every `every` seconds for a report
 local start = kvm.now()
-local deadline = start + opts.seconds
-local next_report = start + opts.every
-local e
-while true do
-  local now = kvm.now()
-  e = cpu:run{ timeout = math.max(math.min(next_report, deadline) - now, 0.01) }
-  local resume = ctx.profile and ctx.profile.on_exit and ctx.profile.on_exit(e, ctx)
-  if e.reason == "timeout" then
-    now = kvm.now()
-    if now >= deadline then break end
-    if now >= next_report then
-      io.stderr:write(report(now - start, 12))
-      next_report = now + opts.every
-    end
-    resume = true
-  end
-  if not resume then break end
-end
+local e = linux.run(ctx, { timeout = opts.seconds, every = opts.every,
+  on_tick = function(_, elapsed) io.stderr:write(report(elapsed, 12)) end })
 
 local elapsed = kvm.now() - start
 if e.reason ~= "timeout" then print(fmt("trace_io: the VM stopped: %s", tostring(e))) end

@@ -358,18 +358,36 @@ function linux.boot(opts)
   return e, ctx
 end
 
---- Run a set-up kernel: the host profile and `opts.on_exit` see each exit
--- run() returns and may resume the guest.
+--- Run a set-up kernel until an exit nobody handles: the host profile and
+-- `opts.on_exit` see each exit run() returns and may resume the guest.
+-- @tparam table ctx from `linux.setup`
+-- @tparam[opt] table opts `timeout` (seconds for the whole run; the exit is
+--   then reason "timeout"), `on_exit` (function(e, ctx), true resumes),
+--   `every` + `on_tick` (function(ctx, elapsed_seconds) called every `every`
+--   seconds while the guest runs: progress reports)
+-- @return the Exit that ended the run
 function linux.run(ctx, opts)
   opts = opts or {}
-  local deadline = opts.timeout and (os.time() + opts.timeout)
-  local run_opts = { timeout = opts.timeout }
+  local start = kvm.now()
+  local deadline = opts.timeout and start + opts.timeout
+  local run_opts = {}
   while true do
-    if deadline then run_opts.timeout = math.max(deadline - os.time(), 0.01) end
+    local slice = opts.every
+    if deadline then
+      local left = math.max(deadline - kvm.now(), 0.001)
+      if not slice or left < slice then slice = left end
+    end
+    run_opts.timeout = slice
     local e = ctx.cpu:run(run_opts)
     local resume = false
-    if ctx.profile and ctx.profile.on_exit then resume = ctx.profile.on_exit(e, ctx) end
-    if not resume and opts.on_exit then resume = opts.on_exit(e, ctx) end
+    if e.reason == "timeout" and opts.every and (not deadline or kvm.now() < deadline) then
+      -- a slice ended, not the run
+      if opts.on_tick then opts.on_tick(ctx, kvm.now() - start) end
+      resume = true
+    else
+      if ctx.profile and ctx.profile.on_exit then resume = ctx.profile.on_exit(e, ctx) end
+      if not resume and opts.on_exit then resume = opts.on_exit(e, ctx) end
+    end
     if not resume then return e end
   end
 end
