@@ -51,10 +51,6 @@ const char *kvm_pushhex(lua_State *L, uint64_t v) {
   return lua_pushstring(L, b);
 }
 
-lua_Integer kvm_checkint(lua_State *L, int arg) {
-  return luaL_checkinteger(L, arg);
-}
-
 /* an integer in [lo, hi] (unsigned comparison), else an argument error */
 uint64_t kvm_checkrange(lua_State *L, int arg, uint64_t lo, uint64_t hi,
                         const char *what) {

@@ -156,7 +156,6 @@ typedef struct Vcpu {
 /* helpers (core.c) */
 uint64_t kvm_now_ns(void);
 int kvm_fail(lua_State *L, const char *what);          /* nil, msg, errno */
-lua_Integer kvm_checkint(lua_State *L, int arg);        /* integer, raises on fractional */
 uint64_t kvm_checkrange(lua_State *L, int arg, uint64_t lo, uint64_t hi, const char *what);
 Vm *kvm_checkvm(lua_State *L, int arg);                 /* open VM or raise */
 Vcpu *kvm_checkvcpu(lua_State *L, int arg);

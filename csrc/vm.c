@@ -382,7 +382,7 @@ reason "debug_exit" with e.code. Default port 0x501.
 */
 static int l_vm_debug_exit(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  uint64_t port = luaL_opt(L, kvm_checkint, 2, 0x501);
+  uint64_t port = (uint64_t)luaL_optinteger(L, 2, 0x501);
   luaL_argcheck(L, port <= 0xffff, 2, "port out of range");
   kvm_claim(L, vm, 0, port, port, H_DEBUGEXIT, 0, NULL);
   vm->debug_exit_port = (uint16_t)port;
