@@ -2,10 +2,9 @@
 -- puts spec/ on package.path).
 --
 --     local support = require "support"
---     local ok, why = support.kvm_ok()
 --     describe("thing", function()
---       if not ok then pending("no /dev/kvm: " .. why) return end
 --       it("runs", function()
+--         support.need_kvm()
 --         local vm, cpu, ram = support.guest("\xf4")   -- hlt
 --         assert.equal("hlt", cpu:run().reason)
 --       end)
@@ -26,6 +25,23 @@ local x86 = core_ok and require "kvm.x86" or nil
 
 local ok_cache, why_cache
 
+local function env_of(f)
+  for i = 1, math.huge do
+    local name, value = debug.getupvalue(f, i)
+    if name == nil or name == "_ENV" then return value end
+  end
+end
+
+-- busted's environment, where a spec's globals are (pending among them): the
+-- _ENV of the spec requiring this module, the first caller whose _ENV is not _G
+local spec_env
+for level = 2, math.huge do
+  local info = debug.getinfo(level, "f")
+  if not info then break end
+  local env = env_of(info.func)
+  if env and env ~= _G then spec_env = env break end
+end
+
 --- Is KVM usable here (the core loads and /dev/kvm opens)?
 -- @treturn boolean
 -- @treturn ?string why not
@@ -40,6 +56,27 @@ function support.kvm_ok()
     end
   end
   return ok_cache, why_cache
+end
+
+--- For a test that needs a VM, called first in its `it`: returns when KVM is
+-- usable; otherwise fails the test with the reason, or with
+-- LUAKVM_ALLOW_NO_KVM=1 marks it pending ("no KVM: why", counted apart in
+-- the summary).
+function support.need_kvm()
+  local ok, why = support.kvm_ok()
+  if ok then return end
+  if os.getenv("LUAKVM_ALLOW_NO_KVM") == "1" and spec_env then
+    spec_env.pending("no KVM: " .. why)
+  end
+  error("needs KVM, none usable here: " .. why .. " (LUAKVM_ALLOW_NO_KVM=1 skips)", 2)
+end
+
+--- fn when KVM is usable, else a function that does nothing: for the setup,
+-- teardown, before_each and after_each that make or close VMs (their tests
+-- call support.need_kvm).
+function support.with_kvm(fn)
+  if support.kvm_ok() then return fn end
+  return function() end
 end
 
 --- Read a file's bytes.

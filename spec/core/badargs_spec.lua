@@ -7,7 +7,6 @@
 -- Every call gets fresh objects so that one call's side effects (a claim, a
 -- region) cannot change another's outcome.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 local BAD = {
   { "nil", nil }, { "string", "x" }, { "table", {} }, { "float", 1.5 },
@@ -96,8 +95,6 @@ local function methods_of(obj)
 end
 
 describe("badargs", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
-
   local path
   setup(function()
     path = os.tmpname()
@@ -129,6 +126,7 @@ describe("badargs", function()
     local tname, kind, table_, noargs = s[1], s[2], s[3], s[4]
 
     it(tname .. ": the sweep covers every method", function()
+      support.need_kvm()
       local obj = fresh(kind)
       for _, name in ipairs(methods_of(obj)) do
         assert.is_true(table_[name] ~= nil or noargs[name] ~= nil, tname .. ":" .. name .. " is not swept")
@@ -141,6 +139,7 @@ describe("badargs", function()
     for _, name in ipairs(names) do
       local spec = table_[name]
       it(("%s:%s with bad arguments raises, never crashes"):format(tname, name), function()
+        support.need_kvm()
         local template = spec[1]
         local n = #template
         local surprises = {}
@@ -179,6 +178,7 @@ describe("badargs", function()
     for _, c in ipairs(closers) do
       local tname, kind, table_, close = c[1], c[2], c[3], c[4]
       it("every method of a closed " .. tname .. " raises 'attempt to use a closed " .. tname .. "'", function()
+        support.need_kvm()
         local names = methods_of(fresh(kind))
         local wrong = {}
         for _, name in ipairs(names) do
@@ -199,6 +199,7 @@ describe("badargs", function()
     end
 
     it("an exit of a closed vCPU: reply raises, fields and tostring work", function()
+      support.need_kvm()
       local vm, cpu = support.guest(IN1)
       local x = cpu:run()
       cpu:close()
@@ -210,6 +211,7 @@ describe("badargs", function()
   end)
 
   it("methods called on the wrong type of object raise, naming the type", function()
+    support.need_kvm()
     local vm, cpu, ram = support.guest(IN1)
     local vm_read = getmetatable(vm).__index.read
     local mem_read = getmetatable(ram).methods.read

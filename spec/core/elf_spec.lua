@@ -21,29 +21,17 @@ local tmpfiles = {}
 
 local function write_tmp(bytes) return support.write_tmp(bytes, tmpfiles) end
 
-local have_kvm do
-  local f = io.open("/dev/kvm", "r")
-  have_kvm = f ~= nil
-  if f then f:close() end
-end
-
-local describe_kvm = have_kvm and describe or function(name)
-  describe(name, function()
-    pending("skipped: /dev/kvm is not available")
-  end)
-end
-
-describe_kvm("vm:load_elf", function()
+describe("vm:load_elf", function()
   local vm, ram
 
-  before_each(function()
+  before_each(support.with_kvm(function()
     vm = assert(kvm.vm())
     ram = vm:memory{ guest = 0, size = MEM }
     ram:fill(0, MEM, 0xAA)
-  end)
+  end))
 
   after_each(function()
-    vm:close()
+    if vm then vm:close() end
     vm, ram = nil, nil
     for _, p in ipairs(tmpfiles) do os.remove(p) end
     tmpfiles = {}
@@ -59,6 +47,7 @@ describe_kvm("vm:load_elf", function()
 
   describe("loads", function()
     it("copies p_filesz bytes to p_paddr and zeroes the BSS", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0x100000,
         segments = { { paddr = 0x100000, data = "hello, guest", memsz = 0x40 } },
@@ -77,6 +66,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("describes each PT_LOAD segment and skips the others", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0x1000,
         segments = {
@@ -102,6 +92,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("returns a virtual e_entry as a round-tripping integer and its physical address", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0xffffffff81000010,
         segments = { { vaddr = 0xffffffff81000000, paddr = 0x100000,
@@ -117,6 +108,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("takes a physical e_entry as it is (x86 vmlinux: e_entry = 0x1000000)", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0x100000,
         segments = {
@@ -130,6 +122,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("leaves entry_phys nil when no segment holds e_entry", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0x500000, segments = { { paddr = 0x1000, data = "x" } },
       })
@@ -139,6 +132,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("loads at p_vaddr with physical = false", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         entry = 0x3000,
         segments = { { vaddr = 0x3000, paddr = 0x100000, data = "virt" } },
@@ -152,6 +146,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("accepts ET_DYN, segments that touch, and BSS-only segments", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         type = 3,
         segments = {
@@ -169,6 +164,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("loads a segment that ends exactly at the end of guest memory", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{
         segments = { { paddr = MEM - 0x100, data = "end", memsz = 0x100 } },
       })
@@ -261,6 +257,7 @@ describe_kvm("vm:load_elf", function()
     for _, c in ipairs(cases) do
       local name, bytes, msg, opts = c[1], c[2], c[3], c[4]
       it(name, function()
+        support.need_kvm()
         local path = write_tmp(bytes)
         local info, err, errno = vm:load_elf(path, opts)
         assert.is_nil(info)
@@ -271,6 +268,7 @@ describe_kvm("vm:load_elf", function()
     end
 
     it("a missing file gives the system error and errno", function()
+      support.need_kvm()
       local path = os.tmpname()
       os.remove(path)
       local info, err, errno = vm:load_elf(path)
@@ -281,6 +279,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("a directory gives the system error and errno", function()
+      support.need_kvm()
       local info, err, errno = vm:load_elf("/")
       assert.is_nil(info)
       assert.equal("/: Is a directory", err)
@@ -288,6 +287,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("a device is not a regular file", function()
+      support.need_kvm()
       local info, err, errno = vm:load_elf("/dev/null")
       assert.is_nil(info)
       assert.equal("/dev/null: not a regular file", err)
@@ -295,6 +295,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("no bytes land when only the last segment is bad", function()
+      support.need_kvm()
       local path = write_tmp(make_elf{ segments = {
         { paddr = 0x1000, data = "first" },
         { paddr = 0x2000, data = "second", memsz = 0x100 },
@@ -307,6 +308,7 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("more than 64 loadable segments", function()
+      support.need_kvm()
       local segs = {}
       for i = 1, 65 do segs[i] = { paddr = i * 0x1000, data = "s" } end
       local path = write_tmp(make_elf{ segments = segs })
@@ -326,16 +328,19 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("without a path", function()
+      support.need_kvm()
       assert.has_error(function() vm:load_elf() end)
       assert.has_error(function() vm:load_elf({}) end)
     end)
 
     it("with opts that are not a table", function()
+      support.need_kvm()
       assert.has_error(function() vm:load_elf(path, 5) end)
       assert.has_error(function() vm:load_elf(path, "physical") end)
     end)
 
     it("with a non-boolean 'physical'", function()
+      support.need_kvm()
       local ok, err = pcall(vm.load_elf, vm, path, { physical = "yes" })
       assert.is_false(ok)
       assert.matches("'physical' must be a boolean", err, 1, true)
@@ -343,11 +348,13 @@ describe_kvm("vm:load_elf", function()
     end)
 
     it("on something that is not a VM", function()
+      support.need_kvm()
       assert.has_error(function() vm.load_elf(ram, path) end)
       assert.has_error(function() vm.load_elf(nil, path) end)
     end)
 
     it("on a closed VM", function()
+      support.need_kvm()
       local other = assert(kvm.vm())
       other:close()
       local ok, err = pcall(other.load_elf, other, path)
@@ -365,6 +372,7 @@ describe_kvm("vm:load_elf", function()
     end
 
     it("loads its PT_LOAD segments at their physical addresses", function()
+      support.need_kvm()
       -- the file says how much memory it needs
       local ehdr = f:read(64)
       local phoff, phentsize, phnum =

@@ -9,7 +9,6 @@
 -- with only 0, 1 and 2, must show its own child exactly 0, 1, 2 and the
 -- directory `ls` opens.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 --- What a child sees: { [fd] = target } from `ls -l /proc/self/fd`, run by
 -- io.popen (mode "popen") or os.execute into a file (mode "execute").
@@ -53,12 +52,12 @@ local function numbers(t)
 end
 
 describe("file descriptors and child processes #guest", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
 
   for _, mode in ipairs{ "popen", "execute" } do
     it("a child started with " .. (mode == "popen" and "io.popen" or "os.execute") ..
        " while a VM, memory, vCPUs, irqchip and UART exist sees none of their fds", function()
+      support.need_kvm()
       local baseline = child_fds(mode)
       local vm = assert(kvm.vm())
       assert(vm:irqchip())
@@ -81,6 +80,7 @@ describe("file descriptors and child processes #guest", function()
   end
 
   it("the parent does hold them (the check above can see a leak)", function()
+    support.need_kvm()
     local vm = assert(kvm.vm())
     local cpu = assert(vm:vcpu(0))
     local p = assert(io.popen("ls -l /proc/" .. support.pid() .. "/fd"))
@@ -93,6 +93,7 @@ describe("file descriptors and child processes #guest", function()
   end)
 
   it("a fresh lua5.4 with VMs open starts children with only 0, 1, 2 (and ls's directory)", function()
+    support.need_kvm()
     local script = os.tmpname()
     local f = assert(io.open(script, "w"))
     f:write([[
@@ -126,6 +127,7 @@ describe("file descriptors and child processes #guest", function()
   end)
 
   it("a failed vm:load_elf, memory:load and linux.setup close what they opened", function()
+    support.need_kvm()
     local vm = assert(kvm.vm())
     local ram = vm:memory{ guest = 0, size = 1 << 20 }
     support.gc()

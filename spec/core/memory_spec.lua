@@ -1,22 +1,21 @@
 --- kvm.memory (csrc/mem.c): a host mapping registered as guest RAM.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 describe("kvm.memory", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local err, merr = support.err, support.merr
   local SIZE = 0x10000
 
   local vm, ram
-  before_each(function()
+  before_each(support.with_kvm(function()
     vm = assert(kvm.vm())
     ram = vm:memory{ guest = 0x100000, size = SIZE }
-  end)
-  after_each(function() vm:close() end)
+  end))
+  after_each(support.with_kvm(function() vm:close() end))
 
   describe("fields and tostring", function()
     it("tostring: slot and range, readonly, or (closed)", function()
+      support.need_kvm()
       assert.equal("kvm.memory (slot 0, 0x100000-0x10ffff)", tostring(ram))
       local ro = vm:memory{ guest = 0, size = 0x1000, readonly = true }
       assert.equal("kvm.memory (slot 1, 0x0-0xfff, readonly)", tostring(ro))
@@ -25,6 +24,7 @@ describe("kvm.memory", function()
     end)
 
     it("guest, size, slot, readonly, closed; unknown keys are nil", function()
+      support.need_kvm()
       assert.equal(0x100000, ram.guest)
       assert.equal(SIZE, ram.size)
       assert.equal(0, ram.slot)
@@ -36,12 +36,14 @@ describe("kvm.memory", function()
     end)
 
     it("starts zeroed", function()
+      support.need_kvm()
       assert.equal(string.rep("\0", SIZE), ram:read(0, SIZE))
     end)
   end)
 
   describe("read, write, u8..u64", function()
     it("read returns what write wrote, and the VM sees it at guest + off", function()
+      support.need_kvm()
       ram:write(0x10, "hello")
       assert.equal("hello", ram:read(0x10, 5))
       assert.equal("hello", vm:read(0x100010, 5))
@@ -58,6 +60,7 @@ describe("kvm.memory", function()
     }
     for _, c in ipairs(values) do
       it(("%s round-trips 0x%x"):format(c[1], c[3]), function()
+        support.need_kvm()
         local m, n, v = c[1], c[2], c[3]
         ram[m](ram, 0x40, v)
         assert.equal(v, ram[m](ram, 0x40))
@@ -70,12 +73,14 @@ describe("kvm.memory", function()
                      { "u32", -1, 0xffffffff }, { "u32", -0x80000000, 0x80000000 } }
     for _, c in ipairs(signed) do
       it(("%s stores %d and reads back 0x%x"):format(c[1], c[2], c[3]), function()
+        support.need_kvm()
         ram[c[1]](ram, 0, c[2])
         assert.equal(c[3], ram[c[1]](ram, 0))
       end)
     end
 
     it("a narrow store leaves the neighbours alone", function()
+      support.need_kvm()
       ram:write(0, "\x11\x22\x33\x44\x55\x66\x77\x88\x99")
       ram:u16(1, 0xaabb)
       assert.equal("\x11\xbb\xaa\x44\x55\x66\x77\x88\x99", ram:read(0, 9))
@@ -89,11 +94,13 @@ describe("kvm.memory", function()
     }
     for _, c in ipairs(at_end) do
       it(("%s(%s) exactly at the end is fine"):format(c[1], table.concat(c[2], ", ")), function()
+        support.need_kvm()
         assert.equal(c[3], ram[c[1]](ram, table.unpack(c[2])))
       end)
     end
 
     it("write of an empty string at the very end is fine", function()
+      support.need_kvm()
       ram:write(SIZE, "")
       ram:fill(SIZE, 0, 1)
     end)
@@ -132,12 +139,14 @@ describe("kvm.memory", function()
       local shown = {}
       for i, a in ipairs(c[2]) do shown[i] = type(a) == "string" and ("%q"):format(a) or tostring(a) end
       it(("%s(%s) raises"):format(c[1], table.concat(shown, ", ")), function()
+        support.need_kvm()
         assert.equal(c[3], merr(ram, c[1], table.unpack(c[2])))
       end)
     end
   end)
 
   it("fill sets len bytes to byte", function()
+    support.need_kvm()
     ram:fill(0x100, 16, 0xcc)
     assert.equal("\0" .. string.rep("\xcc", 16) .. "\0", ram:read(0xff, 18))
     ram:fill(0, SIZE, 0x5a)
@@ -155,11 +164,13 @@ describe("kvm.memory", function()
     after_each(function() os.remove(path) end)
 
     it("copies a file into the region and returns the bytes loaded", function()
+      support.need_kvm()
       assert.equal(16, ram:load(0x100, path))
       assert.equal("0123456789abcdef", ram:read(0x100, 16))
     end)
 
     it("takes a file offset and a length", function()
+      support.need_kvm()
       assert.equal(12, ram:load(0, path, 4))
       assert.equal("456789abcdef", ram:read(0, 12))
       assert.equal(3, ram:load(0x200, path, 10, 3))
@@ -168,11 +179,13 @@ describe("kvm.memory", function()
     end)
 
     it("fits exactly at the end of the region", function()
+      support.need_kvm()
       assert.equal(16, ram:load(SIZE - 16, path))
       assert.equal("0123456789abcdef", ram:read(SIZE - 16, 16))
     end)
 
     it("a missing file: nil, message, errno", function()
+      support.need_kvm()
       local r, msg, errno = ram:load(0, "/nonexistent/file")
       assert.is_nil(r)
       assert.equal("/nonexistent/file: No such file or directory", msg)
@@ -180,6 +193,7 @@ describe("kvm.memory", function()
     end)
 
     it("a directory: nil, message, EISDIR", function()
+      support.need_kvm()
       local r, msg, errno = ram:load(0, "/tmp")
       assert.is_nil(r)
       assert.equal("/tmp: Is a directory", msg)
@@ -190,6 +204,7 @@ describe("kvm.memory", function()
     -- directory the message is strerror() of a stale errno (seen: "No such file
     -- or directory") instead of "not a regular file".
     it("a device: nil, 'not a regular file' [core bug: stale errno]", function()
+      support.need_kvm()
       local r, msg = ram:load(0, "/dev/null")
       assert.is_nil(r)
       assert.equal("/dev/null: not a regular file", msg)
@@ -204,6 +219,7 @@ describe("kvm.memory", function()
     }
     for _, c in ipairs(too_big) do
       it("refuses: " .. c[2], function()
+        support.need_kvm()
         local off, foff, len = table.unpack(c[1])
         local r, msg, errno = ram:load(off, path, foff, len)
         assert.is_nil(r)
@@ -220,6 +236,7 @@ describe("kvm.memory", function()
     }
     for _, c in ipairs(bad) do
       it(c[2], function()
+        support.need_kvm()
         local off, _, foff, len = table.unpack(c[1], 1, 4)
         assert.equal(c[2], merr(ram, "load", off, path, foff, len))
       end)
@@ -228,6 +245,7 @@ describe("kvm.memory", function()
 
   describe("close", function()
     it("is idempotent and unregisters the range", function()
+      support.need_kvm()
       ram:write(0, "x")
       ram:close()
       ram:close()
@@ -239,12 +257,14 @@ describe("kvm.memory", function()
                       { "u8", 0 }, { "u16", 0 }, { "u32", 0 }, { "u64", 0, 1 }, { "dirty_pages" } }
     for _, c in ipairs(methods) do
       it(c[1] .. " on a closed memory raises", function()
+        support.need_kvm()
         ram:close()
         assert.equal("attempt to use a closed kvm.memory", merr(ram, c[1], table.unpack(c, 2)))
       end)
     end
 
     it("a <close> variable closes it", function()
+      support.need_kvm()
       local keep
       do
         local r <close> = vm:memory{ guest = 0, size = 0x1000 }
@@ -255,6 +275,7 @@ describe("kvm.memory", function()
     end)
 
     it("after the VM is closed, close still unmaps (no error)", function()
+      support.need_kvm()
       vm:close()
       ram:write(0, "y")
       ram:close()
@@ -264,15 +285,18 @@ describe("kvm.memory", function()
 
   describe("dirty_pages", function()
     it("needs dirty_log = true", function()
+      support.need_kvm()
       assert.equal("memory region was created without dirty_log = true", err(function() ram:dirty_pages() end))
     end)
 
     it("is an empty list when nothing ran", function()
+      support.need_kvm()
       local d = vm:memory{ guest = 0, size = 0x4000, dirty_log = true }
       assert.same({}, d:dirty_pages())
     end)
 
     it("on a closed VM raises", function()
+      support.need_kvm()
       local d = vm:memory{ guest = 0, size = 0x4000, dirty_log = true }
       vm:close()
       assert.equal("attempt to use a closed kvm.vm", err(function() d:dirty_pages() end))

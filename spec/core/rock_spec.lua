@@ -90,8 +90,7 @@ describe("#rock the rock", function()
 
     it("runs the hello guest from another directory", function()
       assert.is_true(built, log)
-      local kvm_ok, why = support.kvm_ok()
-      if not kvm_ok then pending("no /dev/kvm: " .. tostring(why)) return end
+      support.need_kvm()
       if not exists("examples/guests/hello.bin") then
         pending("examples/guests/hello.bin is missing: run make") return
       end

@@ -1,27 +1,26 @@
 --- kvm.vcpu (csrc/vcpu.c): creation, registers, special registers, CPUID,
 -- MSRs, events, translate, close. The run loop is spec/guest/run_spec.lua.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 describe("kvm.vcpu", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local x86 = require "kvm.x86"
   local err = support.err
 
   local vm, cpu
-  before_each(function()
+  before_each(support.with_kvm(function()
     vm = assert(kvm.vm())
     vm:memory{ guest = 0, size = 2 << 20 }
     cpu = assert(vm:vcpu(0))
-  end)
-  after_each(function()
+  end))
+  after_each(support.with_kvm(function()
     cpu:close()
     vm:close()
-  end)
+  end))
 
   describe("creation", function()
     it("tostring, id and vm", function()
+      support.need_kvm()
       assert.matches("^kvm%.vcpu 0 %(fd %d+%)$", tostring(cpu))
       assert.equal(0, cpu.id)
       assert.equal(vm, cpu.vm)
@@ -40,11 +39,13 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad_ids) do
       it("vm:vcpu(" .. tostring(c[1]) .. ") raises", function()
+        support.need_kvm()
         assert.equal(c[2], err(function() vm:vcpu(c[1]) end))
       end)
     end
 
     it("a duplicate id is an environment failure: nil, msg, errno", function()
+      support.need_kvm()
       local r, msg, errno = vm:vcpu(0)
       assert.is_nil(r)
       assert.equal("KVM_CREATE_VCPU: File exists", msg)
@@ -54,12 +55,14 @@ describe("kvm.vcpu", function()
 
   describe("close", function()
     it("is idempotent; tostring says (closed)", function()
+      support.need_kvm()
       cpu:close()
       cpu:close()
       assert.equal("kvm.vcpu (closed)", tostring(cpu))
     end)
 
     it("a <close> variable closes it", function()
+      support.need_kvm()
       local keep
       do
         local c <close> = assert(vm:vcpu(1))
@@ -73,6 +76,7 @@ describe("kvm.vcpu", function()
                       { "set_events", {} }, { "translate", 0 }, { "run" }, { "stop" }, { "stats" } }
     for _, c in ipairs(methods) do
       it(c[1] .. " on a closed vCPU raises", function()
+        support.need_kvm()
         cpu:close()
         assert.equal("attempt to use a closed kvm.vcpu", support.merr(cpu, c[1], c[2]))
       end)
@@ -84,6 +88,7 @@ describe("kvm.vcpu", function()
                     "r11", "r12", "r13", "r14", "r15", "rip", "rflags" }
 
     it("has the 18 general registers as integers", function()
+      support.need_kvm()
       local r = cpu:regs()
       local n = 0
       for _ in pairs(r) do n = n + 1 end
@@ -94,6 +99,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("set_regs changes only the keys given", function()
+      support.need_kvm()
       local all = {}
       for i, k in ipairs(names) do if k ~= "rflags" then all[k] = i * 0x1111 end end
       assert.is_true(cpu:set_regs(all))
@@ -109,6 +115,7 @@ describe("kvm.vcpu", function()
     local values = { 0xffffffff81000000, -1, math.mininteger, math.maxinteger, 0x8000000000000000, 0xdeadbeefcafe }
     for _, v in ipairs(values) do
       it(("64-bit values round-trip: 0x%x"):format(v), function()
+        support.need_kvm()
         cpu:set_regs{ rax = v, r15 = v, rsi = v }
         local r = cpu:regs()
         assert.equal(v, r.rax)
@@ -127,6 +134,7 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad) do
       it("set_regs raises: " .. c[2], function()
+        support.need_kvm()
         cpu:set_regs{ rax = 77 }
         assert.equal(c[2], err(function() cpu:set_regs(c[1]) end))
         assert.equal(77, cpu:regs().rax)   -- nothing was set
@@ -134,6 +142,7 @@ describe("kvm.vcpu", function()
     end
 
     it("set_regs wants a table", function()
+      support.need_kvm()
       assert.equal("bad argument #1 to 'set_regs' (table expected, got number)", err(function() cpu:set_regs(1) end))
     end)
   end)
@@ -143,6 +152,7 @@ describe("kvm.vcpu", function()
     local seg_fields = { "base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable" }
 
     it("has segments, descriptor tables and control registers", function()
+      support.need_kvm()
       local s = cpu:sregs()
       for _, r in ipairs(segs) do
         for _, f in ipairs(seg_fields) do assert.equal("integer", math.type(s[r][f]), r .. "." .. f) end
@@ -159,6 +169,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("set_sregs changes only the given fields of a segment", function()
+      support.need_kvm()
       local before = cpu:sregs()
       assert.is_true(cpu:set_sregs{ ds = { selector = 0x1234, base = 0x12340 } })
       local after = cpu:sregs()
@@ -172,6 +183,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("gdt and idt round-trip", function()
+      support.need_kvm()
       cpu:set_sregs{ gdt = { base = 0x500, limit = 31 }, idt = { base = 0x1000, limit = 0x7ff } }
       local s = cpu:sregs()
       assert.same({ base = 0x500, limit = 31 }, s.gdt)
@@ -181,6 +193,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("flags take 0/1 or booleans", function()
+      support.need_kvm()
       cpu:set_sregs{ fs = { avl = true } }
       assert.equal(1, cpu:sregs().fs.avl)
       cpu:set_sregs{ fs = { avl = false } }
@@ -188,6 +201,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("long_mode's state reads back", function()
+      support.need_kvm()
       x86.long_mode(cpu, vm)
       local s = cpu:sregs()
       assert.equal(0x80000033, s.cr0)
@@ -213,6 +227,7 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad) do
       it("set_sregs raises: " .. c[2], function()
+        support.need_kvm()
         local before = cpu:sregs()
         assert.equal(c[2], err(function() cpu:set_sregs(c[1]) end))
         assert.same(before, cpu:sregs())
@@ -222,10 +237,12 @@ describe("kvm.vcpu", function()
 
   describe("set_cpuid", function()
     it("takes supported_cpuid() as it is", function()
+      support.need_kvm()
       assert.is_true(cpu:set_cpuid(kvm.supported_cpuid()))
     end)
 
     it("the guest sees what was set: leaf 0's vendor string", function()
+      support.need_kvm()
       local leaves = kvm.supported_cpuid()
       local b, d, c = string.unpack("<I4I4I4", "LuaKVMisFun!")
       for _, e in ipairs(leaves) do
@@ -252,11 +269,13 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad) do
       it("raises: " .. c[2], function()
+        support.need_kvm()
         assert.equal(c[2], err(function() cpu:set_cpuid(c[1]) end))
       end)
     end
 
     it("at most 1024 entries", function()
+      support.need_kvm()
       local t = {}
       for i = 1, 1025 do t[i] = { func = i } end
       assert.equal("bad argument #1 to 'set_cpuid' (too many entries (at most 1024))",
@@ -266,22 +285,26 @@ describe("kvm.vcpu", function()
 
   describe("msrs", function()
     it("IA32_SYSENTER_CS (0x174) round-trips", function()
+      support.need_kvm()
       assert.is_true(cpu:set_msrs{ [0x174] = 0x10 })
       assert.same({ [0x174] = 0x10 }, cpu:msrs{ 0x174 })
     end)
 
     it("several at once, 64-bit values (a kernel address)", function()
+      support.need_kvm()
       assert.is_true(cpu:set_msrs{ [0x174] = 0x08, [0x175] = 0xffffffff81000000, [0x176] = 0xffffffff81234567 })
       assert.same({ [0x174] = 0x08, [0x175] = 0xffffffff81000000, [0x176] = 0xffffffff81234567 },
                   cpu:msrs{ 0x174, 0x175, 0x176 })
     end)
 
     it("an empty list reads nothing", function()
+      support.need_kvm()
       assert.same({}, cpu:msrs{})
       assert.is_true(cpu:set_msrs{})
     end)
 
     it("an MSR KVM does not know: nil, msg, errno", function()
+      support.need_kvm()
       local r, msg, errno = cpu:msrs{ 0x174, 0xdeadbeef }
       assert.is_nil(r)
       assert.equal("KVM_GET_MSRS: MSR 0xdeadbeef cannot be read", msg)
@@ -303,6 +326,7 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad) do
       it(c[1] .. " raises: " .. c[3], function()
+        support.need_kvm()
         assert.equal(c[3], support.merr(cpu, c[1], c[2]))
       end)
     end
@@ -310,6 +334,7 @@ describe("kvm.vcpu", function()
 
   describe("events", function()
     it("has exception, interrupt, nmi and sipi_vector", function()
+      support.need_kvm()
       local e = cpu:events()
       local shape = {
         exception = { "injected", "nr", "has_error_code", "pending", "error_code" },
@@ -324,6 +349,7 @@ describe("kvm.vcpu", function()
     end)
 
     it("set_events: a pending NMI and an injected interrupt read back", function()
+      support.need_kvm()
       assert.is_true(cpu:set_events{ nmi = { pending = 1 } })
       assert.equal(1, cpu:events().nmi.pending)
       assert.is_true(cpu:set_events{ interrupt = { injected = 1, nr = 0x20 } })
@@ -340,6 +366,7 @@ describe("kvm.vcpu", function()
     }
     for _, c in ipairs(bad) do
       it("set_events raises: " .. c[2], function()
+        support.need_kvm()
         assert.equal(c[2], err(function() cpu:set_events(c[1]) end))
       end)
     end
@@ -347,6 +374,7 @@ describe("kvm.vcpu", function()
     -- BUG (csrc/vcpu.c l_vcpu_set_events): a bad field value is reported with
     -- the internal dotted name, "bad field 'nmi.pending' in nmi (...)".
     it("set_events names a bad field as the user wrote it [core bug: message]", function()
+      support.need_kvm()
       assert.equal("bad field 'pending' in nmi (integer expected, got string)",
         err(function() cpu:set_events{ nmi = { pending = "x" } } end))
     end)
@@ -354,6 +382,7 @@ describe("kvm.vcpu", function()
     -- BUG (csrc/vcpu.c l_vcpu_set_events): sipi_vector is checked with
     -- luaL_checkinteger(L, -1): "bad argument #-1 to '?' (number expected, got string)".
     it("set_events reports a bad sipi_vector clearly [core bug: message]", function()
+      support.need_kvm()
       local msg = err(function() cpu:set_events{ sipi_vector = "x" } end)
       assert.not_matches("#%-", msg)
       assert.matches("sipi_vector", msg)
@@ -362,10 +391,12 @@ describe("kvm.vcpu", function()
 
   describe("translate", function()
     it("is the identity in real mode (paging off)", function()
+      support.need_kvm()
       assert.equal(0x1234, cpu:translate(0x1234))
     end)
 
     it("follows long mode's identity map; beyond it is nil", function()
+      support.need_kvm()
       x86.long_mode(cpu, vm)   -- identity-maps 4 GiB
       for _, a in ipairs{ 0, 0x1000, 0x12345678, 0xfffff000 } do
         local gpa, writable = cpu:translate(a)
@@ -379,6 +410,7 @@ describe("kvm.vcpu", function()
   end)
 
   it("stats() of a fresh vCPU", function()
+    support.need_kvm()
     local s = cpu:stats()
     assert.equal(0, s.exits)
     assert.same({}, s.by_reason)

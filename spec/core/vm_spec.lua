@@ -1,15 +1,14 @@
 --- kvm.vm (csrc/vm.c, vm:memory in csrc/mem.c): creation, memory options,
 -- guest-physical access, in-kernel devices, claims, close and GC order.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 describe("kvm.vm", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local err = support.err
 
   describe("lifetime", function()
     it("tostring says fd, regions and size when open, (closed) when closed", function()
+      support.need_kvm()
       local vm = assert(kvm.vm())
       vm:memory{ guest = 0, size = 0x100000 }
       vm:memory{ guest = 0x200000, size = 0x2000 }
@@ -19,6 +18,7 @@ describe("kvm.vm", function()
     end)
 
     it("close is idempotent", function()
+      support.need_kvm()
       local vm = assert(kvm.vm())
       vm:close()
       vm:close()
@@ -26,6 +26,7 @@ describe("kvm.vm", function()
     end)
 
     it("a <close> variable closes the VM at the end of its scope", function()
+      support.need_kvm()
       local keep
       do
         local vm <close> = assert(kvm.vm())
@@ -36,6 +37,7 @@ describe("kvm.vm", function()
     end)
 
     it("a closed VM raises 'attempt to use a closed kvm.vm'", function()
+      support.need_kvm()
       local vm = assert(kvm.vm())
       vm:close()
       assert.equal("attempt to use a closed kvm.vm", err(function() vm:read(0, 1) end))
@@ -44,6 +46,7 @@ describe("kvm.vm", function()
     end)
 
     it("memory and vCPU objects stay usable after the VM is closed", function()
+      support.need_kvm()
       local vm = assert(kvm.vm())
       local ram = vm:memory{ guest = 0, size = 0x10000 }
       local cpu = assert(vm:vcpu(0))
@@ -85,6 +88,7 @@ describe("kvm.vm", function()
     }
     for i, c in ipairs(bad) do
       it("rejects bad options (" .. i .. "): " .. c[2], function()
+        support.need_kvm()
         local vm <close> = assert(kvm.vm())
         assert.equal(c[2], err(function() vm:memory(c[1]) end))
         assert.equal(0, #vm:regions())
@@ -92,6 +96,7 @@ describe("kvm.vm", function()
     end
 
     it("wants a table", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       assert.equal("bad argument #1 to 'memory' (table expected, got no value)", err(function() vm:memory() end))
     end)
@@ -104,6 +109,7 @@ describe("kvm.vm", function()
     }
     for _, c in ipairs(overlaps) do
       it(("rejects 0x%x+0x%x: it overlaps"):format(c[1], c[2]), function()
+        support.need_kvm()
         local vm <close> = assert(kvm.vm())
         vm:memory{ guest = 0, size = 0x100000 }
         vm:memory{ guest = 0x200000, size = 0x1000 }
@@ -112,6 +118,7 @@ describe("kvm.vm", function()
     end
 
     it("accepts adjacent regions", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:memory{ guest = 0, size = 0x100000 }
       local r = vm:memory{ guest = 0x100000, size = 0x1000 }
@@ -119,6 +126,7 @@ describe("kvm.vm", function()
     end)
 
     it("rejects a slot in use", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:memory{ guest = 0, size = 0x1000, slot = 3 }
       assert.equal("bad option 'slot' to 'memory' (slot 3 is in use)",
@@ -126,6 +134,7 @@ describe("kvm.vm", function()
     end)
 
     it("picks the lowest free slot, and a closed region frees its slot and range", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local a = vm:memory{ guest = 0, size = 0x1000 }
       local b = vm:memory{ guest = 0x1000, size = 0x1000, slot = 5 }
@@ -137,6 +146,7 @@ describe("kvm.vm", function()
     end)
 
     it("holds at most 32 regions", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       for i = 0, 31 do vm:memory{ guest = i << 12, size = 0x1000 } end
       assert.equal("bad option 'slot' to 'memory' (0..31, and a free one)",
@@ -145,6 +155,7 @@ describe("kvm.vm", function()
     end)
 
     it("gives guest, size, slot, readonly and closed", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local r = vm:memory{ guest = 0x100000, size = 0x3000, slot = 2 }
       assert.same({ 0x100000, 0x3000, 2, false, false }, { r.guest, r.size, r.slot, r.readonly, r.closed })
@@ -154,6 +165,7 @@ describe("kvm.vm", function()
     end)
 
     it("regions() lists the open regions sorted by guest address", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local c = vm:memory{ guest = 0x300000, size = 0x1000 }
       local a = vm:memory{ guest = 0, size = 0x1000 }
@@ -170,14 +182,15 @@ describe("kvm.vm", function()
 
   describe("guest-physical access", function()
     local vm, lo, hi
-    before_each(function()
+    before_each(support.with_kvm(function()
       vm = assert(kvm.vm())
       lo = vm:memory{ guest = 0, size = 0x10000 }
       hi = vm:memory{ guest = 0x10000, size = 0x10000 }   -- adjacent, another slot
-    end)
-    after_each(function() vm:close() end)
+    end))
+    after_each(support.with_kvm(function() vm:close() end))
 
     it("read and write reach the region that holds the address", function()
+      support.need_kvm()
       vm:write(0x10010, "high")
       assert.equal("high", hi:read(0x10, 4))
       lo:write(0x20, "low")
@@ -191,6 +204,7 @@ describe("kvm.vm", function()
     }
     for _, c in ipairs(values) do
       it(("%s round-trips 0x%x, little-endian"):format(c[1], c[2]), function()
+        support.need_kvm()
         vm[c[1]](vm, 0x10100, c[2])
         assert.equal(c[2], vm[c[1]](vm, 0x10100))
         local fmt = c[3] == 8 and "<i8" or "<I" .. c[3]
@@ -199,6 +213,7 @@ describe("kvm.vm", function()
     end
 
     it("u64 keeps a kernel address (a negative integer) intact", function()
+      support.need_kvm()
       vm:u64(0x8, 0xffffffff81000000)
       assert.equal(0xffffffff81000000, vm:u64(0x8))
       assert.is_true(vm:u64(0x8) < 0)
@@ -225,16 +240,19 @@ describe("kvm.vm", function()
     }
     for _, c in ipairs(outside) do
       it(("vm:%s(%s) raises"):format(c[1], table.concat(c[2], ", ")), function()
+        support.need_kvm()
         assert.equal(c[3], support.merr(vm, c[1], table.unpack(c[2])))
       end)
     end
 
     it("a read across two regions raises, even when they are adjacent", function()
+      support.need_kvm()
       assert.equal("guest range 0xfff8+0x10 is outside guest memory", err(function() vm:read(0xfff8, 16) end))
       assert.equal("guest range 0xfffc+0x8 is outside guest memory", err(function() vm:u64(0xfffc) end))
     end)
 
     it("the same range through the memory object works on each side", function()
+      support.need_kvm()
       assert.equal(8, #lo:read(0xfff8, 8))
       assert.equal(8, #hi:read(0, 8))
     end)
@@ -242,6 +260,7 @@ describe("kvm.vm", function()
 
   describe("in-kernel devices", function()
     it("irqchip() once; a second time is an environment failure", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       assert.is_true(vm:irqchip())
       local r, msg, errno = vm:irqchip()
@@ -251,12 +270,14 @@ describe("kvm.vm", function()
     end)
 
     it("pit() after irqchip()", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       assert.is_true(vm:irqchip())
       assert.is_true(vm:pit())
     end)
 
     it("irq_line needs an irqchip: nil, msg, errno without one", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local r, msg, errno = vm:irq_line(4, 1)
       assert.is_nil(r)
@@ -265,6 +286,7 @@ describe("kvm.vm", function()
     end)
 
     it("irq_line takes 0/1 or a boolean", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:irqchip()
       for _, level in ipairs{ 1, 0, true, false } do
@@ -284,6 +306,7 @@ describe("kvm.vm", function()
     }
     for _, c in ipairs(range_errors) do
       it(c[3], function()
+        support.need_kvm()
         local vm <close> = assert(kvm.vm())
         vm:irqchip()
         assert.equal(c[3], support.merr(vm, c[1], table.unpack(c[2])))
@@ -291,12 +314,14 @@ describe("kvm.vm", function()
     end
 
     it("tss_addr and identity_map_addr before the first vCPU", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       assert.is_true(vm:tss_addr(0xfffbd000))
       assert.is_true(vm:identity_map_addr(0xfffbc000))
     end)
 
     it("identity_map_addr after a vCPU exists is an environment failure", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       assert(vm:vcpu(0))
       local r, msg, errno = vm:identity_map_addr(0xfffbc000)
@@ -308,6 +333,7 @@ describe("kvm.vm", function()
 
   describe("claims", function()
     it("on_io, on_mmio and debug_exit show in claims(), sorted, with kinds", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local f = function() end
       vm:on_io({ 0x20, 0x2f }, f)
@@ -344,6 +370,7 @@ describe("kvm.vm", function()
     }
     for _, c in ipairs(claim_errors) do
       it(c[2], function()
+        support.need_kvm()
         local vm <close> = assert(kvm.vm())
         vm:on_io({ 0x20, 0x2f }, function() end)
         vm:on_mmio(0x10000000, 0x1000, function() end)
@@ -352,6 +379,7 @@ describe("kvm.vm", function()
     end
 
     it("nil removes exactly a claimed range, which can then be claimed again", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:on_io({ 0x20, 0x2f }, print)
       vm:on_io({ 0x20, 0x2f }, nil)
@@ -361,6 +389,7 @@ describe("kvm.vm", function()
     end)
 
     it("the same range can be given a new handler", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:on_io({ 0x20, 0x2f }, print)
       vm:on_io({ 0x20, 0x2f }, tostring)
@@ -368,6 +397,7 @@ describe("kvm.vm", function()
     end)
 
     it("at most 64 ranges", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       for p = 1, 64 do vm:on_io(p, print) end
       assert.equal("too many port ranges (at most 64)", err(function() vm:on_io(100, print) end))
@@ -376,6 +406,7 @@ describe("kvm.vm", function()
     -- BUG (csrc/vm.c set_handler): add_handler() stores the function in the
     -- VM's table before kvm_claim() raises, and nothing removes it.
     it("a refused claim does not keep the handler alive [core bug: leak]", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       vm:on_io({ 0x20, 0x2f }, print)
       local weak = setmetatable({}, { __mode = "k" })
@@ -389,6 +420,7 @@ describe("kvm.vm", function()
     end)
 
     it("a removed handler is released", function()
+      support.need_kvm()
       local vm <close> = assert(kvm.vm())
       local weak = setmetatable({}, { __mode = "k" })
       do
@@ -403,6 +435,7 @@ describe("kvm.vm", function()
   end)
 
   it("stats() of a fresh VM", function()
+    support.need_kvm()
     local vm <close> = assert(kvm.vm())
     local s = vm:stats()
     assert.same({}, s.exits)
@@ -416,6 +449,7 @@ describe("kvm.vm", function()
 
   describe("garbage collection", function()
     it("a vCPU keeps its VM alive: drop the VM, keep the vCPU", function()
+      support.need_kvm()
       local cpu
       do
         local vm = assert(kvm.vm())
@@ -429,6 +463,7 @@ describe("kvm.vm", function()
     end)
 
     it("the VM keeps its memory: drop the memory handle, the RAM stays", function()
+      support.need_kvm()
       local vm = assert(kvm.vm())
       do
         local ram = vm:memory{ guest = 0, size = 0x1000 }
@@ -441,6 +476,7 @@ describe("kvm.vm", function()
     end)
 
     it("a memory keeps its VM: drop the VM, keep the memory", function()
+      support.need_kvm()
       local ram
       do
         local vm = assert(kvm.vm())
@@ -452,6 +488,7 @@ describe("kvm.vm", function()
     end)
 
     it("no file descriptors leak across 200 VMs created and dropped", function()
+      support.need_kvm()
       support.gc()
       local before = support.fd_count()
       for i = 1, 200 do

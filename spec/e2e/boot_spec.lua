@@ -1,7 +1,7 @@
 -- End-to-end: boot Debian's cloud kernel (fetched by `make kernel` into
 -- guest-kernel/) as an ELF vmlinux and as a bzImage, and check the milestones
 -- this machine can show. Slow (one to three minutes per boot here): tagged e2e.
-local kvm = require "kvm"
+local support = require "support"
 local linux = require "kvm.linux"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
@@ -53,10 +53,8 @@ local function check_milestones(text, ctx)
 end
 
 describe("#e2e Linux boot", function()
-  local ok, why = kvm.available()
-
   it("boots the ELF vmlinux to the serial console", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    support.need_kvm()
     if not exists(DIR .. "/vmlinux") then return pending("no " .. DIR .. "/vmlinux: run make kernel") end
     local text, ctx, e = boot_until({ kernel = DIR .. "/vmlinux", memory = 128 << 20 }, CONSOLE, 400)
     check_milestones(text, ctx)
@@ -65,7 +63,7 @@ describe("#e2e Linux boot", function()
   end)
 
   it("boots the bzImage: decompresses itself and prints the banner", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    support.need_kvm()
     if not exists(DIR .. "/bzImage") then return pending("no " .. DIR .. "/bzImage: run make kernel") end
     local text, ctx, e = boot_until({ kernel = DIR .. "/bzImage", memory = 128 << 20 },
       "Hypervisor detected: KVM", 600)

@@ -3,7 +3,7 @@
 -- On this machine's software KVM (kvm_pvm) the boot takes ~10-15 minutes and
 -- relies on the pvm host profile (kernel parameters, int3/fwait/ldmxcsr
 -- recovery). Tagged e2e and userspace.
-local kvm = require "kvm"
+local support = require "support"
 local linux = require "kvm.linux"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
@@ -15,10 +15,8 @@ local function exists(p)
 end
 
 describe("#e2e #userspace Linux to a shell", function()
-  local ok, why = kvm.available()
-
   it("reaches /init, which prints its marker, and answers a command typed at its shell", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    support.need_kvm()
     if not exists(DIR .. "/vmlinux") or not exists(DIR .. "/initramfs.cpio.gz") then
       return pending("no kernel or initramfs in " .. DIR .. ": run make kernel")
     end

@@ -29,16 +29,15 @@ local function lines_matching(text, pattern)
 end
 
 describe("examples #guest", function()
-  local ok, why = support.kvm_ok()
-  if not ok then pending("no usable /dev/kvm: " .. tostring(why)) return end
-
   it("hello.lua prints the guest's greeting and its hlt", function()
+    support.need_kvm()
     local code, out = run("timeout 60 lua5.4 examples/hello.lua")
     assert.equal(0, code, out)
     assert.matches("^Hello, KVM!\nguest halted: hlt at rip=0x%x+\n$", out)
   end)
 
   it("bare_metal.lua assembles its guest, which computes fib(20) and a hash", function()
+    support.need_kvm()
     local code, out = run("timeout 60 lua5.4 examples/bare_metal.lua")
     assert.equal(0, code, out)
     assert.matches("assembled %d+ bytes of guest code", out)
@@ -50,6 +49,7 @@ describe("examples #guest", function()
   end)
 
   it("port_device.lua: random numbers from Lua, three timer interrupts through the PIC", function()
+    support.need_kvm()
     local code, out = run("timeout 60 lua5.4 examples/port_device.lua")
     assert.equal(0, code, out)
     assert.equal(3, lines_matching(out, "^timer: armed for 20 ms, IRQ 5 raised after [%d.]+ ms$"), out)
@@ -62,6 +62,7 @@ describe("examples #guest", function()
   end)
 
   it("port_device.lua --seed gives other numbers", function()
+    support.need_kvm()
     local code, out = run("timeout 60 lua5.4 examples/port_device.lua --seed 7")
     assert.equal(0, code, out)
     assert.matches("rng: the guest read 0x%x+ 0x%x+ 0x%x+ 0x%x+\n", out)
@@ -79,11 +80,10 @@ describe("examples #guest", function()
 end)
 
 describe("examples that boot Linux #e2e", function()
-  local ok, why = support.kvm_ok()
-  if not ok then pending("no usable /dev/kvm: " .. tostring(why)) return end
   if not exists(KERNEL) then pending("no " .. KERNEL .. ": run make kernel") return end
 
   it("memory_layout.lua: two slots around a hole, the kernel's e820 matches", function()
+    support.need_kvm()
     local code, out = run("timeout 600 lua5.4 examples/memory_layout.lua " .. KERNEL .. " --timeout 500")
     assert.equal(0, code, out)
     assert.matches("slot 0: 0x000000000-0x005ffffff (96 MiB)", out, 1, true)
@@ -95,6 +95,7 @@ describe("examples that boot Linux #e2e", function()
   end)
 
   it("trace_io.lua: live tables on stderr, the final one on stdout", function()
+    support.need_kvm()
     local code, out = run("timeout 300 lua5.4 examples/trace_io.lua " .. KERNEL .. " --seconds 20 --every 8")
     assert.equal(0, code, out)
     -- the live reports at 8 and 16 s, and the final one

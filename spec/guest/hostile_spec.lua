@@ -8,7 +8,6 @@
 -- Guests are byte strings with the instruction beside each byte, loaded at
 -- 0x1000 by support.guest (real mode unless a case says otherwise).
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 -- real mode: rep outsb of 65535 bytes from 0x10000 (ds = 0x1000) to port 0x10
 local OUTSB_64K = "\xb8\x00\x10"   -- mov ax, 0x1000
@@ -143,13 +142,13 @@ local function pattern(n)
 end
 
 describe("hostile guests #guest", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local x86 = require "kvm.x86"
   local guest, err = support.guest, support.err
 
   describe("string I/O of 65535 elements", function()
     it("rep outsb to a claimed port: 65535 handler calls, in order", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB_64K)
       local data = pattern(0xffff)
       ram:write(0x10000, data)
@@ -171,6 +170,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("rep insb from a claimed port: 65535 replies land in order", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(INSB_64K)
       local n = 0
       vm:on_io(0x10, function(port, dir, size, value)
@@ -187,6 +187,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("rep outsb to an unclaimed port with unclaimed = 'ignore': runs to hlt, all counted", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB_64K)
       local e = cpu:run{ unclaimed = "ignore", timeout = 60 }
       assert.equal("hlt", e.reason, tostring(e))
@@ -197,6 +198,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("rep insb from an unclaimed port with unclaimed = 'ignore': all ones, nothing past the end", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(INSB_64K)
       local e = cpu:run{ unclaimed = "ignore", timeout = 60 }
       assert.equal("hlt", e.reason, tostring(e))
@@ -206,6 +208,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("rep outsb to an unclaimed port returned to the script: the exits add up to 65535 bytes in order", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB_64K)
       local data = pattern(0xffff)
       ram:write(0x10000, data)
@@ -223,6 +226,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("max_exits = 1 cuts it into single exits; resuming each time still gives every byte once", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB_64K)
       local data = pattern(0xffff)
       ram:write(0x10000, data)
@@ -237,6 +241,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("a handler failing at element 1000 of 65535: run() raises, the guest continues to hlt", function()
+      support.need_kvm()
       local vm, cpu = guest(OUTSB_64K)
       local n = 0
       vm:on_io(0x10, function()
@@ -257,6 +262,7 @@ describe("hostile guests #guest", function()
       local P = ("0x%x"):format(port)
 
       it("port " .. P .. " claimed: out 1/2/4 bytes, in 1/2/4 bytes", function()
+        support.need_kvm()
         local vm, cpu, ram = guest(widths(port))
         local calls = {}
         vm:on_io(port, function(p, dir, size, value)
@@ -271,6 +277,7 @@ describe("hostile guests #guest", function()
       end)
 
       it("port " .. P .. " unclaimed: each exit names port, size and value; replies land", function()
+        support.need_kvm()
         local vm, cpu, ram = guest(widths(port))
         local seen = {}
         for i = 1, 3 do
@@ -293,6 +300,7 @@ describe("hostile guests #guest", function()
       end)
 
       it("port " .. P .. " unclaimed, unclaimed = 'ignore': ins read all ones", function()
+        support.need_kvm()
         local vm, cpu, ram = guest(widths(port))
         assert.equal("hlt", cpu:run{ unclaimed = "ignore" }.reason)
         assert.equal("\xff\0\xff\xff\xff\xff\xff\xff", ram:read(0x2000, 8))
@@ -303,6 +311,7 @@ describe("hostile guests #guest", function()
 
   describe("MMIO of every length to unmapped memory (long mode, 0xd0000000)", function()
     it("claimed: writes of 1/2/4/8 bytes and reads of 1/2/4/8 bytes reach the handler", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO_ALL, { mode = "long" })
       local calls = {}
       vm:on_mmio(0xd0000000, 0x1000, function(addr, dir, len, value)
@@ -322,6 +331,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("unclaimed: eight exits with addr, len, value; replies to the reads land", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO_ALL, { mode = "long" })
       local writes = {}
       for i = 1, 4 do
@@ -347,6 +357,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("unclaimed with unclaimed = 'ignore': writes dropped, reads all ones", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO_ALL, { mode = "long" })
       assert.equal("hlt", cpu:run{ unclaimed = "ignore", timeout = 10 }.reason)
       assert.equal(0xff, ram:u64(0x2000))
@@ -357,6 +368,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("an 8-byte access straddling an MMIO page boundary: the pieces cover the 8 bytes", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO_SPLIT, { mode = "long" })
       local mem = {}    -- a little byte-addressed device
       local wlen, rlen = 0, 0
@@ -382,6 +394,7 @@ describe("hostile guests #guest", function()
 
   describe("faults", function()
     it("a triple fault in long mode (IDT limit 0, ud2) is 'shutdown'", function()
+      support.need_kvm()
       local vm, cpu = guest(UD2, { mode = "long" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 5 }
@@ -389,6 +402,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("a triple fault in long mode (IDT limit 0, divide by zero) is 'shutdown'", function()
+      support.need_kvm()
       local vm, cpu = guest(DIV0, { mode = "long" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 5 }
@@ -396,6 +410,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("a triple fault in protected mode (IDT limit 0, ud2) is 'shutdown'", function()
+      support.need_kvm()
       local vm, cpu = guest(UD2, { mode = "protected" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 5 }
@@ -404,6 +419,7 @@ describe("hostile guests #guest", function()
 
     -- kvm_pvm's emulator does not know int3 (HOST-NOTES.md): internal_error there
     it("int3 with an IDT limit of 0 (protected mode): 'shutdown', or KVM's 'internal_error' naming the byte", function()
+      support.need_kvm()
       local vm, cpu = guest(INT3, { mode = "protected" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 5 }
@@ -415,6 +431,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("in real mode an IVT limit of 0 is not enforced here: int3 through an empty IVT runs zeros, stopped by the timeout", function()
+      support.need_kvm()
       local vm, cpu = guest(INT3)
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 0.3 }
@@ -423,6 +440,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("after a shutdown, run() again does not hang or crash", function()
+      support.need_kvm()
       local vm, cpu = guest(UD2, { mode = "long" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       assert.equal("shutdown", cpu:run{ timeout = 5 }.reason)
@@ -432,6 +450,7 @@ describe("hostile guests #guest", function()
 
     for _, mode in ipairs{ "long", "protected" } do
       it("executing unmapped memory (" .. mode .. " mode, jmp 0xe0000000): KVM says so, the process lives", function()
+        support.need_kvm()
         local vm, cpu = guest(JMP_UNMAPPED, { mode = mode })
         local e = cpu:run{ timeout = 5 }
         local allowed = { mmio = true, internal_error = true, shutdown = true, fail_entry = true }
@@ -450,6 +469,7 @@ describe("hostile guests #guest", function()
 
   describe("read-only memory", function()
     it("writes of every width are MMIO exits with is_write; memory keeps its bytes; reads see them", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(RO_WRITES, { mode = "long" })
       local ro = vm:memory{ guest = 0x200000, size = 0x1000, readonly = true }
       ro:write(0, "ROM-ROM!")
@@ -468,6 +488,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("rep stosb into it: every byte is an MMIO write, memory unchanged", function()
+      support.need_kvm()
       local vm, cpu = guest(RO_STOSB, { mode = "long" })
       local ro = vm:memory{ guest = 0x200000, size = 0x1000, readonly = true }
       local bytes, exits = 0, 0
@@ -485,6 +506,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("unclaimed = 'ignore' drops the writes and the guest reaches hlt", function()
+      support.need_kvm()
       local vm, cpu = guest(RO_STOSB, { mode = "long" })
       local ro = vm:memory{ guest = 0x200000, size = 0x1000, readonly = true }
       assert.equal("hlt", cpu:run{ unclaimed = "ignore", timeout = 10 }.reason)
@@ -494,6 +516,7 @@ describe("hostile guests #guest", function()
 
   describe("guests that never stop", function()
     it("jmp . is stopped by run{timeout = 0.2}, and can be resumed and stopped again", function()
+      support.need_kvm()
       local vm, cpu = guest(SPIN)
       for _ = 1, 2 do
         local t0 = kvm.now()
@@ -506,6 +529,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("an endless out loop to a handler is stopped by the timeout", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT_LOOP)
       local n = 0
       vm:on_io(0x10, function() n = n + 1 end)
@@ -529,6 +553,7 @@ describe("hostile guests #guest", function()
     end
 
     it("cli; hlt without an irqchip: a 'hlt' exit", function()
+      support.need_kvm()
       local vm, cpu = guest(CLI_HLT)
       local e = cpu:run{ timeout = 1 }
       assert.equal("hlt", e.reason)
@@ -536,6 +561,7 @@ describe("hostile guests #guest", function()
     end)
 
     it("cli; hlt with the in-kernel irqchip: 'hlt' or 'timeout', never a hang", function()
+      support.need_kvm()
       local vm, cpu = irqchip_guest(CLI_HLT)
       local t0 = kvm.now()
       local e = cpu:run{ timeout = 0.3 }
@@ -549,6 +575,7 @@ describe("hostile guests #guest", function()
 
   describe("the UART", function()
     it("a 1 MiB flood: every byte delivered in order, chunks bounded, Lua memory bounded", function()
+      support.need_kvm()
       -- one exit per byte on some hosts (kvm_pvm): about 12 s
       local vm, cpu, ram = guest(UART_FLOOD, { mode = "protected", size = 4 << 20 })
       local words = {}
@@ -595,6 +622,7 @@ describe("hostile guests #guest", function()
     for _, chip in ipairs{ false, true } do
       it("every value to every register 0x3f8-0x3ff" .. (chip and " (with irqchip)" or "") ..
          ": the process is fine and the UART still talks", function()
+        support.need_kvm()
         local vm = assert(kvm.vm())
         if chip then assert(vm:irqchip()) end
         local ram = vm:memory{ guest = 0, size = support.RAM }
@@ -626,17 +654,18 @@ describe("hostile guests #guest", function()
 end)
 
 describe("bad calls at bad moments #guest", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local guest, err = support.guest, support.err
 
   it("run() after the VM is closed raises", function()
+    support.need_kvm()
     local vm, cpu = guest("\xf4")
     vm:close()
     assert.equal("attempt to use a closed kvm.vm", err(function() cpu:run() end))
   end)
 
   it("the 65th port claim and the 33rd memory region are refused with a message", function()
+    support.need_kvm()
     local vm = assert(kvm.vm())
     for p = 0, 63 do vm:on_io(p, function() end) end
     assert.equal("too many port ranges (at most 64)", err(function() vm:on_io(100, print) end))
@@ -646,6 +675,7 @@ describe("bad calls at bad moments #guest", function()
   end)
 
   it("a handler that overflows the C stack by recursion: an error out of run(), not a crash", function()
+    support.need_kvm()
     local vm, cpu = guest(IN1)
     local function deep(n) return deep(n + 1) + 1 end
     vm:on_io(0x10, function() return deep(1) end)
@@ -654,12 +684,14 @@ describe("bad calls at bad moments #guest", function()
   end)
 
   it("a handler raising a table without __tostring: a message naming the type", function()
+    support.need_kvm()
     local vm, cpu = guest(IN1)
     vm:on_io(0x10, function() error({}) end)
     assert.matches("error object is a table value", err(function() cpu:run() end), 1, true)
   end)
 
   it("a handler returning huge or negative integers for a 1-byte in: truncated, no crash", function()
+    support.need_kvm()
     local vm, cpu, ram = guest("\xe4\x10\xa2\x00\x20\xe4\x10\xa2\x01\x20\xf4")
     -- in al, 0x10; mov [0x2000], al; in al, 0x10; mov [0x2001], al; hlt
     local vals = { math.maxinteger, math.mininteger }
@@ -670,6 +702,7 @@ describe("bad calls at bad moments #guest", function()
   end)
 
   it("a handler collecting garbage on every call while only the vCPU holds the VM", function()
+    support.need_kvm()
     local vm, cpu = guest(OUTSB_64K)
     local n = 0
     vm:on_io(0x10, function() n = n + 1; if n % 4096 == 0 then collectgarbage() end end)
@@ -680,6 +713,7 @@ describe("bad calls at bad moments #guest", function()
   end)
 
   it("a handler that drops every reference and forces finalizers: run() finishes", function()
+    support.need_kvm()
     local vm, cpu = guest(IN1)
     vm:on_io(0x10, function() collectgarbage(); collectgarbage(); return 7 end)
     local c = cpu
@@ -688,12 +722,14 @@ describe("bad calls at bad moments #guest", function()
   end)
 
   it("a run timeout of a nanosecond returns 'timeout' or reaches hlt, quickly", function()
+    support.need_kvm()
     local vm, cpu = guest("\xf4")
     local e = cpu:run{ timeout = 1e-9 }
     assert.is_true(e.reason == "timeout" or e.reason == "hlt", tostring(e))
   end)
 
   it("reply() to an exit of a closed VM's vCPU raises", function()
+    support.need_kvm()
     local vm, cpu = guest(IN1)
     local e = cpu:run()
     cpu:close()

@@ -6,8 +6,6 @@
 local kvm = require "kvm"
 local support = require "support"
 
-local available, why = kvm.available()
-
 local guest_bin = support.guest_bin
 
 local function realmode(code, parts)
@@ -21,26 +19,23 @@ end
 local function bcd(b) return string.format("%02x", b) end
 
 describe("legacy PC ports #guest", function()
-  if not available then
-    pending("no usable /dev/kvm: " .. tostring(why))
-    return
-  end
-
   describe("legacy.S", function()
     local vm, cpu, e, before, after
-    setup(function()
+    setup(support.with_kvm(function()
       vm, cpu = realmode(guest_bin("legacy"))
       before = os.time()
       e = assert(cpu:run{timeout = 20})
       after = os.time()
-    end)
-    teardown(function() vm:close() end)
+    end))
+    teardown(support.with_kvm(function() vm:close() end))
 
     it("ends with reason 'reset' after 0xfe to port 0x64", function()
+      support.need_kvm()
       assert.are.equal("reset", e.reason)
     end)
 
     it("reads the host's UTC date from the CMOS clock in BCD", function()
+      support.need_kvm()
       local ok = false
       for _, t in ipairs{before, after} do
         local d = os.date("!*t", t)
@@ -57,14 +52,17 @@ describe("legacy PC ports #guest", function()
     end)
 
     it("has status registers A=0x26, B=0x02 (24 h, BCD), D=0x80", function()
+      support.need_kvm()
       assert.are.same({0x26, 0x02, 0x80}, {vm:u8(0x2005), vm:u8(0x2006), vm:u8(0x2007)})
     end)
 
     it("keeps CMOS RAM", function()
+      support.need_kvm()
       assert.are.same({0x77, 0x88}, {vm:u8(0x2008), vm:u8(0x2009)})
     end)
 
     it("reads back the PCI address register; config data is all ones", function()
+      support.need_kvm()
       assert.are.equal(0x80000000, vm:u32(0x2010))
       assert.are.equal(0xffffffff, vm:u32(0x2014))
       assert.are.equal(0xffff, vm:u16(0x2018))
@@ -72,6 +70,7 @@ describe("legacy PC ports #guest", function()
     end)
 
     it("answers the i8042 self test, command byte and aux loopback", function()
+      support.need_kvm()
       local got = {}
       for i = 0, 8 do got[#got + 1] = vm:u8(0x2020 + i) end
       assert.are.same({
@@ -86,6 +85,7 @@ describe("legacy PC ports #guest", function()
     end)
 
     it("keeps port 0x61 bits 1-0 and toggles bit 4 on each read", function()
+      support.need_kvm()
       local a, b = vm:u8(0x2030), vm:u8(0x2031)
       assert.are.equal(0x03, a & 0x0f)
       assert.are.equal(0x03, b & 0x0f)
@@ -93,6 +93,7 @@ describe("legacy PC ports #guest", function()
     end)
 
     it("records POST codes as boot markers", function()
+      support.need_kvm()
       local m, dropped = vm:boot_markers()
       assert.are.equal(0, dropped)
       assert.are.equal(3, #m)
@@ -122,6 +123,7 @@ describe("legacy PC ports #guest", function()
     }
     for _, case in ipairs(cases) do
       it("comes from " .. case[1], function()
+        support.need_kvm()
         local vm <close>, cpu = realmode(case[2])
         local e = assert(cpu:run{timeout = 10})
         assert.are.equal("reset", e.reason)
@@ -129,6 +131,7 @@ describe("legacy PC ports #guest", function()
     end
 
     it("does not come from 0xff to port 0x64 (no pulse)", function()
+      support.need_kvm()
       local vm <close>, cpu = realmode("\xb0\xff" ..     -- mov al, 0xff
                                        "\xe6\x64" ..     -- out 0x64, al
                                        "\xba\x01\x05" .. -- mov dx, 0x501
@@ -140,6 +143,7 @@ describe("legacy PC ports #guest", function()
   end)
 
   it("keeps 256 boot markers and counts the rest", function()
+    support.need_kvm()
     local vm <close>, cpu = realmode("\xb9\x2c\x01" ..   -- mov cx, 300
                                      "\x88\xc8" ..       -- l: mov al, cl
                                      "\xe6\x80" ..       -- out 0x80, al
@@ -157,6 +161,7 @@ describe("legacy PC ports #guest", function()
   end)
 
   it("leaves out the parts set to false", function()
+    support.need_kvm()
     local vm <close>, cpu = realmode(
       "\x66\xb8\x00\x00\x00\x80" ..   -- mov eax, 0x80000000
       "\xba\xf8\x0c" ..               -- mov dx, 0xcf8
@@ -174,31 +179,36 @@ describe("legacy PC ports #guest", function()
 
   describe("vm:legacy_ports arguments", function()
     local vm
-    before_each(function() vm = assert(kvm.vm()) end)
-    after_each(function() vm:close() end)
+    before_each(support.with_kvm(function() vm = assert(kvm.vm()) end))
+    after_each(support.with_kvm(function() vm:close() end))
 
     it("returns the VM", function()
+      support.need_kvm()
       assert.are.equal(vm, vm:legacy_ports())
     end)
 
     it("rejects an unknown part", function()
+      support.need_kvm()
       assert.has_error(function() vm:legacy_ports{rtc = true} end,
         "vm:legacy_ports: unknown part 'rtc' (i8042, pci, cmos, post, port61)")
       assert.are.equal(0, #vm:claims())
     end)
 
     it("rejects a non-boolean", function()
+      support.need_kvm()
       assert.has_error(function() vm:legacy_ports{pci = 1} end,
         "vm:legacy_ports: 'pci' must be a boolean, got number")
     end)
 
     it("rejects a second call", function()
+      support.need_kvm()
       vm:legacy_ports()
       assert.has_error(function() vm:legacy_ports() end,
         "vm:legacy_ports: the legacy ports are already set up")
     end)
 
     it("claims nothing when one port is taken", function()
+      support.need_kvm()
       vm:debug_exit(0x80)
       assert.has_error(function() vm:legacy_ports() end,
         "vm:legacy_ports: port 0x80 (post) already claimed by 0x80-0x80")
@@ -208,6 +218,7 @@ describe("legacy PC ports #guest", function()
     end)
 
     it("reads boot markers of a closed VM", function()
+      support.need_kvm()
       vm:close()
       local m, dropped = vm:boot_markers()
       assert.are.same({}, m)

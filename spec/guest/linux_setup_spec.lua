@@ -1,6 +1,5 @@
 -- kvm.linux.setup on small crafted kernels: where everything lands, what the
 -- zero page says, the registers; and the layout checks.
-local kvm = require "kvm"
 local support = require "support"
 local linux = require "kvm.linux"
 local bootparams = require "kvm.bootparams"
@@ -25,13 +24,12 @@ local function elf(paddr, code, memsz)
 end
 
 describe("#guest kvm.linux.setup", function()
-  local ok, why = kvm.available()
   local files = {}
   local function tmpfile(bytes) return support.write_tmp(bytes, files) end
   teardown(function() for _, p in ipairs(files) do os.remove(p) end end)
 
   it("loads a bzImage at pref_address, fills the zero page and the registers", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    support.need_kvm()
     local kernel = tmpfile(bzimage())
     local initrd = tmpfile(("I"):rep(5000))
     local ctx = assert(linux.setup{ kernel = kernel, initrd = initrd, memory = 32 << 20,
@@ -64,7 +62,7 @@ describe("#guest kvm.linux.setup", function()
   end)
 
   it("loads an ELF at its physical address and enters at e_entry", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
+    support.need_kvm()
     local code = "\xb0\x07"             -- mov al, 7
               .. "\x66\xba\x01\x05"     -- mov dx, 0x501
               .. "\xee"                 -- out dx, al
@@ -85,7 +83,6 @@ describe("#guest kvm.linux.setup", function()
   end)
 
   it("refuses a layout whose parts overlap or leave RAM, before any VM exists", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
     local kernel = tmpfile(bzimage())
     local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
       layout = { zero_page = 0x20000 } }
@@ -100,7 +97,6 @@ describe("#guest kvm.linux.setup", function()
   end)
 
   it("checks the command line against cmdline_size", function()
-    if not ok then return pending("no /dev/kvm: " .. tostring(why)) end
     local kernel = tmpfile(bzimage{ cmdline_size = 16 })
     local ctx, err = linux.setup{ kernel = kernel, memory = 32 << 20, profile = false,
       cmdline = ("x"):rep(17) }

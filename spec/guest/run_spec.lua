@@ -6,7 +6,6 @@
 -- Guests are byte strings (real mode unless a test says otherwise) loaded at
 -- 0x1000 by support.guest, with the instruction beside each byte.
 local support = require "support"
-local ok, why = support.kvm_ok()
 
 local HLT = "\xf4"                 -- hlt
 
@@ -67,12 +66,12 @@ local MMIO64 = "\xb0\x77"                          -- mov al, 0x77
 local UD2 = "\x0f\x0b"             -- ud2
 
 describe("run loop", function()
-  if not ok then pending("no /dev/kvm: " .. why) return end
   local kvm = require "kvm"
   local err, guest = support.err, support.guest
 
   describe("exits returned to the script", function()
     it("hlt: reason, exit_reason and rip after the instruction", function()
+      support.need_kvm()
       local vm, cpu = guest(HLT)
       local e = cpu:run()
       assert.equal("hlt", e.reason)
@@ -83,6 +82,7 @@ describe("run loop", function()
     end)
 
     it("an unclaimed out: port, direction, size, count, data, value", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT_IN)
       local e = cpu:run()
       assert.equal("io", e.reason)
@@ -97,6 +97,7 @@ describe("run loop", function()
     end)
 
     it("an unclaimed in: e:reply(v) gives the guest v", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUT_IN)
       cpu:run()
       local e = cpu:run()
@@ -112,6 +113,7 @@ describe("run loop", function()
     end)
 
     it("an in not replied to reads all ones", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(IN1)
       assert.equal("io", cpu:run().reason)
       assert.equal("hlt", cpu:run().reason)
@@ -119,6 +121,7 @@ describe("run loop", function()
     end)
 
     it("reply takes raw bytes too", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(IN1)
       cpu:run():reply("\x99")
       cpu:run()
@@ -126,6 +129,7 @@ describe("run loop", function()
     end)
 
     it("reply errors", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT_IN)
       local out = cpu:run()
       assert.equal("reply() needs an \"in\" I/O exit or an MMIO read", err(function() out:reply(1) end))
@@ -138,6 +142,7 @@ describe("run loop", function()
     end)
 
     it("an exit keeps its vCPU alive", function()
+      support.need_kvm()
       local vm, cpu = guest(IN1)
       local e = cpu:run()
       cpu = nil
@@ -149,6 +154,7 @@ describe("run loop", function()
     end)
 
     it("a reply after the vCPU is closed raises", function()
+      support.need_kvm()
       local vm, cpu = guest(IN1)
       local e = cpu:run()
       cpu:close()
@@ -156,6 +162,7 @@ describe("run loop", function()
     end)
 
     it("widths 1, 2 and 4: values out, replies in", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(WIDTHS)
       local outs = {}
       for i = 1, 3 do
@@ -174,6 +181,7 @@ describe("run loop", function()
     end)
 
     it("unclaimed rep outsb: all 16 bytes come out in order", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB)
       ram:write(0x2000, "0123456789abcdef")
       local got, n = {}, 0
@@ -191,6 +199,7 @@ describe("run loop", function()
     end)
 
     it("unclaimed rep insb: replies fill memory", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(INSB)
       local want, filled = "ABCDEFGHIJKLMNOP", 0
       local e = cpu:run()
@@ -205,6 +214,7 @@ describe("run loop", function()
     end)
 
     it("an integer reply goes to every element of a string in", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(INSB)
       local e = cpu:run()
       while e.reason == "io" do e:reply(0x5a); e = cpu:run() end
@@ -212,6 +222,7 @@ describe("run loop", function()
     end)
 
     it("unclaimed = 'ignore' continues and counts", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUT_IN)
       assert.equal("hlt", cpu:run{ unclaimed = "ignore" }.reason)
       assert.equal(0xff, ram:u8(0x2000))
@@ -222,6 +233,7 @@ describe("run loop", function()
 
   describe("on_io handlers", function()
     it("are called with port, direction, size, value; in returns an integer", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(WIDTHS)
       local calls = {}
       local replies = { 0xab, 0xcdef, 0x89abcdef }
@@ -238,6 +250,7 @@ describe("run loop", function()
     end)
 
     it("an in returning nil reads all ones for each width", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(WIDTHS)
       vm:on_io(0x13, function() end)
       assert.equal("hlt", cpu:run().reason)
@@ -247,12 +260,14 @@ describe("run loop", function()
     end)
 
     it("an in returning a non-integer raises out of run()", function()
+      support.need_kvm()
       local vm, cpu = guest(IN1)
       vm:on_io(0x10, function() return "x" end)
       assert.equal("handler for port 0x10 returned a string (integer or nil expected)", err(function() cpu:run() end))
     end)
 
     it("rep outsb: one call per element, in order", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUTSB)
       ram:write(0x2000, "0123456789abcdef")
       local got = {}
@@ -267,6 +282,7 @@ describe("run loop", function()
     end)
 
     it("rep insb: memory filled from per-element replies", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(INSB)
       local i = 0
       vm:on_io(0x10, function(port, dir, size, value)
@@ -280,6 +296,7 @@ describe("run loop", function()
     end)
 
     it("removing a handler with nil: the port is unclaimed again", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local n = 0
       vm:on_io(0x10, function() n = n + 1 end)
@@ -292,6 +309,7 @@ describe("run loop", function()
     end)
 
     it("replacing a handler: the new one is called", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local who = {}
       vm:on_io({ 0x10, 0x11 }, function() who[#who + 1] = "old" end)
@@ -301,6 +319,7 @@ describe("run loop", function()
     end)
 
     it("a handler can claim and remove ports while the guest runs", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local seen = {}
       vm:on_io(0x10, function(port)
@@ -317,6 +336,7 @@ describe("run loop", function()
     -- I/O, the claims shift and the remaining elements go to another range's
     -- handler (seen: port 0x11's handler called 15 times for port 0x10).
     it("a handler removing itself mid string I/O: no other handler sees the port [core bug]", function()
+      support.need_kvm()
       local vm, cpu = guest(INSB)
       local wrong = 0
       vm:on_io(0x10, function() vm:on_io(0x10, nil); return 0x41 end)
@@ -328,6 +348,7 @@ describe("run loop", function()
 
   describe("stopping", function()
     it("kvm.STOP from a handler returns 'stopped' with the I/O details; run() continues", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       vm:on_io(0x10, function() return kvm.STOP end)
       local e = cpu:run()
@@ -341,6 +362,7 @@ describe("run loop", function()
     end)
 
     it("cpu:stop() inside a handler", function()
+      support.need_kvm()
       local vm, cpu = guest(LOOP)
       local n = 0
       vm:on_io(0x10, function() n = n + 1; if n == 5 then cpu:stop() end end)
@@ -350,6 +372,7 @@ describe("run loop", function()
     end)
 
     it("cpu:stop() before run() makes it return at once", function()
+      support.need_kvm()
       local vm, cpu = guest(SPIN)
       cpu:stop()
       local t0 = support.now()
@@ -366,6 +389,7 @@ describe("run loop", function()
     -- (or at least all ones). The same break drops the rest of a string "out".
     for _, how in ipairs{ "kvm.STOP", "cpu:stop()" } do
       it(how .. " mid rep insb: the guest gets no stale bytes [core bug]", function()
+        support.need_kvm()
         local vm, cpu, ram = guest(INSB)
         ram:fill(0x3000, 16, 0xee)
         local i = 0
@@ -385,6 +409,7 @@ describe("run loop", function()
     end
 
     it("max_exits", function()
+      support.need_kvm()
       local vm, cpu = guest(LOOP)
       local e = cpu:run{ unclaimed = "ignore", max_exits = 10 }
       assert.equal("max_exits", e.reason)
@@ -393,6 +418,7 @@ describe("run loop", function()
     end)
 
     it("timeout on a guest spinning in place", function()
+      support.need_kvm()
       local vm, cpu = guest(SPIN)
       local t0 = support.now()
       local e = cpu:run{ timeout = 0.2 }
@@ -404,6 +430,7 @@ describe("run loop", function()
     end)
 
     it("SIGINT while the guest spins: reason 'intr', the process survives", function()
+      support.need_kvm()
       local vm, cpu = guest(SPIN)
       local pid = support.pid()
       os.execute("(sleep 0.3; kill -INT " .. pid .. ") &")
@@ -430,6 +457,7 @@ describe("run loop", function()
     }
     for i, c in ipairs(bad_opts) do
       it("bad run options (" .. i .. "): " .. c[2], function()
+        support.need_kvm()
         local vm, cpu = guest(HLT)
         assert.equal(c[2], err(function() cpu:run(c[1]) end))
         assert.equal("hlt", cpu:run().reason)   -- nothing half set up
@@ -437,6 +465,7 @@ describe("run loop", function()
     end
 
     it("run wants a table or nothing", function()
+      support.need_kvm()
       local vm, cpu = guest(HLT)
       assert.equal("bad argument #1 to 'run' (table expected, got string)", err(function() cpu:run("x") end))
     end)
@@ -444,6 +473,7 @@ describe("run loop", function()
 
   describe("handler errors", function()
     it("propagate out of run() with a traceback naming the handler; run() continues", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local function exploding_handler() error("boom") end
       local line = debug.getinfo(exploding_handler, "S").linedefined
@@ -460,6 +490,7 @@ describe("run loop", function()
     end)
 
     it("an in whose handler failed reads all ones", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(IN1)
       vm:on_io(0x10, function() error("no") end)
       assert.is_false(pcall(cpu.run, cpu))
@@ -468,6 +499,7 @@ describe("run loop", function()
     end)
 
     it("a yield from a handler raises out of run(); the guest continues", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       vm:on_io(0x10, function() coroutine.yield(1) end)
       local co = coroutine.create(function() return cpu:run{ unclaimed = "ignore" } end)
@@ -478,6 +510,7 @@ describe("run loop", function()
     end)
 
     it("error() without a value still raises (a traceback)", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       vm:on_io(0x10, function() error() end)
       local ok_, msg = pcall(cpu.run, cpu)
@@ -489,6 +522,7 @@ describe("run loop", function()
     -- "(error object is a table value)" even when it has __tostring (lua.c's
     -- message handler uses __tostring).
     it("an error object with __tostring is shown with it [core bug: minor]", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local obj = setmetatable({}, { __tostring = function() return "custom error object" end })
       vm:on_io(0x10, function() error(obj) end)
@@ -498,6 +532,7 @@ describe("run loop", function()
     end)
 
     it("run() from inside a handler raises", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       local inner
       vm:on_io(0x10, function() inner = err(function() cpu:run() end) end)
@@ -506,6 +541,7 @@ describe("run loop", function()
     end)
 
     it("close() of the VM, memory or vCPU from a handler raises", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUT2)
       local msgs = {}
       vm:on_io(0x10, function()
@@ -523,6 +559,7 @@ describe("run loop", function()
     -- unmaps guest RAM under the running guest; afterwards vm->running is -1
     -- and vm:close() says "cannot close a kvm.vm while a vcpu runs" forever.
     it("a <close> VM variable in a handler does not close it mid-run [core bug]", function()
+      support.need_kvm()
       local vm, cpu = guest(OUT2)
       vm:on_io(0x10, function() do local v <close> = vm end end)  -- luacheck: ignore 211
       local ok_, msg = pcall(cpu.run, cpu, { unclaimed = "ignore" })
@@ -532,6 +569,7 @@ describe("run loop", function()
     end)
 
     it("a <close> memory variable in a handler does not unmap RAM mid-run [core bug]", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(OUT2)
       vm:on_io(0x10, function() do local r <close> = ram end end)  -- luacheck: ignore 211
       local ok_, msg = pcall(cpu.run, cpu, { unclaimed = "ignore" })
@@ -546,6 +584,7 @@ describe("run loop", function()
     -- munmaps kvm_run): the run loop then writes the "in" data into the
     -- unmapped page: SIGSEGV. Run in a child process so the suite survives.
     it("a <close> vCPU variable in a handler does not crash the process [core bug: SIGSEGV]", function()
+      support.need_kvm()
       local code, out = support.child([[
         local support = require "support"
         local vm, cpu = support.guest("\xe4\x10\xf4")   -- in al, 0x10; hlt
@@ -561,6 +600,7 @@ describe("run loop", function()
 
   describe("MMIO", function()
     it("unclaimed: addr, len, direction, value; reply to a read", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO32, { mode = "protected" })
       local e = cpu:run()
       assert.equal("mmio", e.reason)
@@ -585,6 +625,7 @@ describe("run loop", function()
     end)
 
     it("on_mmio handler: addr, direction, len, value; a read returns the reply", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO32, { mode = "protected" })
       local calls = {}
       vm:on_mmio(0x10000000, 0x1000, function(addr, dir, len, value)
@@ -598,6 +639,7 @@ describe("run loop", function()
     end)
 
     it("a read whose handler returns nil reads all ones", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO32, { mode = "protected" })
       vm:on_mmio(0x10000000, 0x1000, function() end)
       assert.equal("hlt", cpu:run().reason)
@@ -605,6 +647,7 @@ describe("run loop", function()
     end)
 
     it("64-bit: an 8-byte read of a kernel address (negative integer)", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO64, { mode = "long" })
       local calls = {}
       vm:on_mmio(0x10000000, 0x10, function(addr, dir, len, value)
@@ -617,6 +660,7 @@ describe("run loop", function()
     end)
 
     it("unclaimed = 'ignore': writes dropped, reads all ones, counted", function()
+      support.need_kvm()
       local vm, cpu, ram = guest(MMIO32, { mode = "protected" })
       assert.equal("hlt", cpu:run{ unclaimed = "ignore" }.reason)
       assert.equal(0xffffffff, ram:u32(0x100))
@@ -624,6 +668,7 @@ describe("run loop", function()
     end)
 
     it("kvm.STOP from an MMIO handler", function()
+      support.need_kvm()
       local vm, cpu = guest(MMIO32, { mode = "protected" })
       vm:on_mmio(0x10000000, 0x1000, function() return kvm.STOP end)
       local e = cpu:run()
@@ -632,6 +677,7 @@ describe("run loop", function()
     end)
 
     it("a write to a readonly region is an MMIO exit", function()
+      support.need_kvm()
       local vm, cpu, ram = guest("\xa2\x00\x00\x20\x00"   -- mov [0x200000], al
                                .. "\xf4", { mode = "protected", regs = { rax = 0x33 } })
       local ro = vm:memory{ guest = 0x200000, size = 0x1000, readonly = true }
@@ -643,6 +689,7 @@ describe("run loop", function()
     end)
 
     it("dirty_pages lists the pages the guest wrote", function()
+      support.need_kvm()
       local vm, cpu = guest("\xa2\x00\x10\x20\x00"          -- mov [0x201000], al
                          .. "\xa2\x00\x30\x20\x00"          -- mov [0x203000], al
                          .. "\xf4", { mode = "protected" }) -- hlt
@@ -655,6 +702,7 @@ describe("run loop", function()
 
   describe("debug exit and shutdown", function()
     it("vm:debug_exit(): the guest's out 0x501 returns 'debug_exit' with e.code", function()
+      support.need_kvm()
       local vm, cpu = guest(DEBUG_EXIT)
       assert.equal(vm, vm:debug_exit())
       local e = cpu:run()
@@ -666,6 +714,7 @@ describe("run loop", function()
     end)
 
     it("another port", function()
+      support.need_kvm()
       local vm, cpu = guest("\xb0\x07"    -- mov al, 7
                          .. "\xe6\xf4"    -- out 0xf4, al
                          .. "\xf4")       -- hlt
@@ -676,6 +725,7 @@ describe("run loop", function()
     end)
 
     it("a triple fault (IDT limit 0, ud2 in long mode) is 'shutdown'", function()
+      support.need_kvm()
       local vm, cpu = guest(UD2, { mode = "long" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       assert.equal("shutdown", cpu:run{ timeout = 5 }.reason)
@@ -684,6 +734,7 @@ describe("run loop", function()
 
   describe("the hot loop", function()
     it("100,000 Lua-handled exits allocate nothing per exit", function()
+      support.need_kvm()
       local vm, cpu = guest("count.bin")   -- out 0x10, ax with ax = 0, 1, 2, ...
       local n, bad = 0, 0
       vm:on_io(0x10, function(port, dir, size, value)
@@ -706,6 +757,7 @@ describe("run loop", function()
 
   describe("stats", function()
     it("vm:stats() and cpu:stats() count exits, ports and time", function()
+      support.need_kvm()
       local vm, cpu = guest(OUTSB)
       vm:on_io(0x10, function() end)
       assert.equal("hlt", cpu:run().reason)

@@ -7,8 +7,6 @@
 local kvm = require "kvm"
 local support = require "support"
 
-local available, why = kvm.available()
-
 local guest_bin = support.guest_bin
 
 --- A VM with 1 MiB of RAM, port 0x501 as debug exit, code at 0x1000.
@@ -35,11 +33,6 @@ local function sink()
 end
 
 describe("16550A UART #guest", function()
-  if not available then
-    pending("no usable /dev/kvm: " .. tostring(why))
-    return
-  end
-
   describe("registers", function()
     -- what serial_regs.S stores at 0x2000 + i, in order
     local expected = {
@@ -60,28 +53,32 @@ describe("16550A UART #guest", function()
     }
 
     local vm, cpu
-    setup(function()
+    setup(support.with_kvm(function()
       vm, cpu = realmode(guest_bin("serial_regs"), function(v) v:serial{output = false} end)
       run_to_exit(cpu)
-    end)
-    teardown(function() vm:close() end)
+    end))
+    teardown(support.with_kvm(function() vm:close() end))
 
     for i, case in ipairs(expected) do
       it(string.format("0x%04x: %s = 0x%02x", 0x2000 + i - 1, case[2], case[1]), function()
+        support.need_kvm()
         assert.are.equal(case[1], vm:u8(0x2000 + i - 1))
       end)
     end
 
     it("keeps the first 16 of 20 looped-back bytes, in order", function()
+      support.need_kvm()
       assert.are.equal("abcdefghijklmnop", vm:read(0x2100, 16))
     end)
 
     it("outputs nothing in loopback", function()
+      support.need_kvm()
       assert.are.equal(0, vm:stats().serial_tx)
     end)
   end)
 
   it("is what Linux's 8250 autoconfig() calls a 16550A, without THRE/TXEN bugs", function()
+    support.need_kvm()
     local vm <close>, cpu = realmode(guest_bin("serial_autoconfig"),
                                      function(v) v:serial{output = false} end)
     run_to_exit(cpu)
@@ -112,6 +109,7 @@ describe("16550A UART #guest", function()
     local msg = "hello from the guest\nno newline at the end"
 
     it("goes to a function, a line at a time, the rest when run() returns", function()
+      support.need_kvm()
       local chunks, fn = sink()
       local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = fn} end)
       run_to_exit(cpu)
@@ -121,6 +119,7 @@ describe("16550A UART #guest", function()
     end)
 
     it("goes to a FILE", function()
+      support.need_kvm()
       local f = io.tmpfile()
       local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = f} end)
       run_to_exit(cpu)
@@ -130,12 +129,14 @@ describe("16550A UART #guest", function()
     end)
 
     it("is discarded with output = false", function()
+      support.need_kvm()
       local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = false} end)
       run_to_exit(cpu)
       assert.are.equal(#msg, vm:stats().serial_tx)
     end)
 
     it("raises the output function's error out of run()", function()
+      support.need_kvm()
       local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v)
         v:serial{output = function() error("sink failed") end}
       end)
@@ -145,6 +146,7 @@ describe("16550A UART #guest", function()
     end)
 
     it("raises when the output FILE was closed", function()
+      support.need_kvm()
       local f = io.tmpfile()
       local vm <close>, cpu = realmode(guest_bin("serial_out"), function(v) v:serial{output = f} end)
       f:close()
@@ -154,6 +156,7 @@ describe("16550A UART #guest", function()
     end)
 
     it("delivers a 100000-byte flood in order, in chunks of at most 4096", function()
+      support.need_kvm()
       -- an LCG so that any reordering or loss shows
       local t, x = {}, 12345
       for i = 1, 100000 do
@@ -176,6 +179,7 @@ describe("16550A UART #guest", function()
 
   describe("input", function()
     it("is read from a FILE and echoed back", function()
+      support.need_kvm()
       local f = io.tmpfile()
       f:write("ping\npong\n\4")
       f:seek("set")
@@ -190,6 +194,7 @@ describe("16550A UART #guest", function()
     end)
 
     it("is read from a pipe, 20000 bytes in order", function()
+      support.need_kvm()
       local t = {}
       for i = 1, 2000 do t[i] = string.format("%09d\n", i) end
       local data = table.concat(t)
@@ -211,6 +216,7 @@ describe("16550A UART #guest", function()
   end)
 
   it("raises IRQ 4 through the in-kernel PIC only with MCR.OUT2 set", function()
+    support.need_kvm()
     local vm <close>, cpu = realmode(guest_bin("serial_irq"), function(v)
       assert(v:irqchip())
       v:serial{output = false}
@@ -223,10 +229,11 @@ describe("16550A UART #guest", function()
 
   describe("vm:serial arguments", function()
     local vm
-    before_each(function() vm = assert(kvm.vm()) end)
-    after_each(function() vm:close() end)
+    before_each(support.with_kvm(function() vm = assert(kvm.vm()) end))
+    after_each(support.with_kvm(function() vm:close() end))
 
     it("returns the VM and claims 8 ports", function()
+      support.need_kvm()
       assert.are.equal(vm, vm:serial{port = 0x2f8, irq = 3, output = false})
       local found
       for _, c in ipairs(vm:claims()) do
@@ -248,6 +255,7 @@ describe("16550A UART #guest", function()
     }
     for _, case in ipairs(bad) do
       it("rejects " .. case[2], function()
+        support.need_kvm()
         local ok, err = pcall(vm.serial, vm, case[1])
         assert.is_false(ok)
         assert.matches(case[2], err, 1, true)
@@ -256,18 +264,21 @@ describe("16550A UART #guest", function()
     end
 
     it("rejects a closed input file", function()
+      support.need_kvm()
       local f = io.tmpfile()
       f:close()
       assert.has_error(function() vm:serial{input = f} end, "vm:serial: 'input' is a closed file")
     end)
 
     it("rejects a second UART", function()
+      support.need_kvm()
       vm:serial{output = false}
       assert.has_error(function() vm:serial{port = 0x2f8} end,
         "vm:serial: the UART is already set up")
     end)
 
     it("rejects ports already claimed", function()
+      support.need_kvm()
       vm:debug_exit(0x3fc)
       local ok, err = pcall(vm.serial, vm, {output = false})
       assert.is_false(ok)
