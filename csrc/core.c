@@ -10,7 +10,9 @@ The C core's module functions (`require "kvm"` gives them too).
 @module kvm.core
 */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <errno.h>
+#include <stdio.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -190,18 +192,66 @@ static int l_supported_cpuid(lua_State *L) {
   return kvm_fail(L, "KVM_GET_SUPPORTED_CPUID");
 }
 
-/*** Is this host's /dev/kvm the software implementation kvm_pvm?
+/* is "kvm" registered in /proc/misc (what /dev/kvm's major 10 points to)? */
+static int kvm_misc_registered(void) {
+  char line[128];
+  int found = 0;
+  FILE *f = fopen("/proc/misc", "re");
+  if (f == NULL) return access("/dev/kvm", F_OK) == 0;
+  while (!found && fgets(line, sizeof line, f) != NULL) {
+    unsigned minor;
+    char name[64];
+    if (sscanf(line, "%u %63s", &minor, name) == 2 && strcmp(name, "kvm") == 0) found = 1;
+  }
+  fclose(f);
+  return found;
+}
+
+/*** Which KVM serves /dev/kvm here, and does this host itself run under a hypervisor?
+`module` is "kvm_intel" or "kvm_amd" when the CPU offers VT-x or AMD-V and
+that module is loaded, "kvm_pvm" when /dev/kvm is registered on a CPU with
+neither (kvm_pvm, a software KVM; a /sys/module/kvm_pvm folder alone means
+nothing: it exists where kvm_pvm refused to bind), "unknown" for any other
+registered KVM, nil when no KVM is registered. `pvm`, `amd`, `intel` say the
+same as booleans. `hypervisor` is the host CPU's hypervisor signature (CPUID
+0x40000000: "KVMKVMKVM", "TCGTCGTCGTCG", "Microsoft Hv", ...), "" when the
+hypervisor bit is set without one, nil on bare metal.
 @function host_info
-@treturn table {pvm = boolean, api_version = n}
+@treturn table {module=, pvm=, amd=, intel=, hypervisor=, vmx=, svm=}
 */
 static int l_host_info(lua_State *L) {
-  lua_createtable(L, 0, 2);
-  lua_pushboolean(L, access("/sys/module/kvm_pvm", F_OK) == 0);
+  unsigned a, b, c, d;
+  int vmx = 0, svm = 0, hv = 0;
+  char sig[13] = "";
+  if (__get_cpuid(1, &a, &b, &c, &d)) { vmx = (c >> 5) & 1; hv = (c >> 31) & 1; }
+  if (__get_cpuid(0x80000001, &a, &b, &c, &d)) svm = (c >> 2) & 1;
+  if (hv) {
+    __cpuid(0x40000000, a, b, c, d);
+    memcpy(sig, &b, 4); memcpy(sig + 4, &c, 4); memcpy(sig + 8, &d, 4);
+    sig[12] = '\0';
+  }
+  const char *module = NULL;
+  if (kvm_misc_registered()) {
+    if (vmx && access("/sys/module/kvm_intel", F_OK) == 0) module = "kvm_intel";
+    else if (svm && access("/sys/module/kvm_amd", F_OK) == 0) module = "kvm_amd";
+    else if (access("/sys/module/kvm_pvm", F_OK) == 0) module = "kvm_pvm";
+    else module = "unknown";
+  }
+  lua_createtable(L, 0, 7);
+  if (module) lua_pushstring(L, module); else lua_pushnil(L);
+  lua_setfield(L, -2, "module");
+  lua_pushboolean(L, module && strcmp(module, "kvm_pvm") == 0);
   lua_setfield(L, -2, "pvm");
-  lua_pushboolean(L, access("/sys/module/kvm_intel", F_OK) == 0);
+  lua_pushboolean(L, module && strcmp(module, "kvm_intel") == 0);
   lua_setfield(L, -2, "intel");
-  lua_pushboolean(L, access("/sys/module/kvm_amd", F_OK) == 0);
+  lua_pushboolean(L, module && strcmp(module, "kvm_amd") == 0);
   lua_setfield(L, -2, "amd");
+  if (hv) lua_pushstring(L, sig); else lua_pushnil(L);
+  lua_setfield(L, -2, "hypervisor");
+  lua_pushboolean(L, vmx);
+  lua_setfield(L, -2, "vmx");
+  lua_pushboolean(L, svm);
+  lua_setfield(L, -2, "svm");
   return 1;
 }
 
