@@ -316,6 +316,13 @@ function linux.setup(opts)
   if not cpu then return fail(cerr) end
   local entries, cpuerr = kvm.supported_cpuid()
   if not entries then return fail(cpuerr) end
+  -- CPUID.1:ECX[31], "running under a hypervisor": KVM leaves it clear, a VMM
+  -- sets it (QEMU and Firecracker do); without it Linux never reads KVM's
+  -- leaves at 0x40000000, so no kvm-clock and a boot that hangs or limps on
+  -- PIT calibration
+  for _, ent in ipairs(entries) do
+    if ent.func == 1 then ent.ecx = ent.ecx | (1 << 31) end
+  end
   if profile and profile.cpuid then profile.cpuid(entries) end
   if opts.cpuid then entries = opts.cpuid(entries) or entries end
   local okc, cperr = cpu:set_cpuid(entries)
