@@ -38,7 +38,25 @@ describe("kvm module", function()
 
   it("host_info() reports booleans", function()
     local h = kvm.host_info()
-    for _, k in ipairs{ "pvm", "intel", "amd" } do assert.equal("boolean", type(h[k])) end
+    for _, k in ipairs{ "pvm", "intel", "amd", "vmx", "svm" } do assert.equal("boolean", type(h[k])) end
+  end)
+
+  it("host_info() names the KVM that serves /dev/kvm, consistently with the booleans", function()
+    local h = kvm.host_info()
+    local ok = kvm.available()
+    if ok then assert.is_string(h.module) end
+    assert.equal(h.module == "kvm_pvm", h.pvm)
+    assert.equal(h.module == "kvm_amd", h.amd)
+    assert.equal(h.module == "kvm_intel", h.intel)
+    -- hardware KVM needs the CPU's extension; kvm_pvm is what runs without one
+    if h.amd then assert.is_true(h.svm) end
+    if h.intel then assert.is_true(h.vmx) end
+    if h.pvm then assert.is_false(h.svm or h.vmx) end
+    -- under tools/nested.sh the host is QEMU's TCG with kvm_amd
+    if os.getenv("LUAKVM_NESTED") == "1" then
+      assert.equal("kvm_amd", h.module)
+      assert.equal("TCGTCGTCGTCG", h.hypervisor)
+    end
   end)
 
   it("capabilities() maps names to numbers", function()

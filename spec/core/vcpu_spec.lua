@@ -293,7 +293,10 @@ describe("kvm.vcpu", function()
     it("several at once, 64-bit values (a kernel address)", function()
       support.need_kvm()
       assert.is_true(cpu:set_msrs{ [0x174] = 0x08, [0x175] = 0xffffffff81000000, [0x176] = 0xffffffff81234567 })
-      assert.same({ [0x174] = 0x08, [0x175] = 0xffffffff81000000, [0x176] = 0xffffffff81234567 },
+      -- AMD keeps SYSENTER_ESP/EIP to 32 bits (kvm_amd keeps the high half
+      -- only for a guest whose CPUID says Intel; this vCPU has no CPUID set)
+      local hi = kvm.host_info().amd and 0 or 0xffffffff00000000
+      assert.same({ [0x174] = 0x08, [0x175] = hi | 0x81000000, [0x176] = hi | 0x81234567 },
                   cpu:msrs{ 0x174, 0x175, 0x176 })
     end)
 

@@ -44,7 +44,7 @@ static const char *CHECK =
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (L == NULL) {
-    if (!fuzz_kvm_ok()) exit(0);
+    if (!fuzz_kvm_ok()) exit(1);
     L = fuzz_lua();
     fuzz_chunk(L, "fuzz_elf", CHECK);
   }
