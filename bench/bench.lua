@@ -245,7 +245,16 @@ end
 
 local function first_line(cmd) return (sh(cmd .. " 2>/dev/null || true"):match("[^\n]*")) end
 local cpu = first_line("grep -m1 '^model name' /proc/cpuinfo"):match(":%s*(.*)") or "?"
-local pvm = os.execute("test -d /sys/module/kvm_pvm") and ", kvm_pvm (software KVM)" or ""
+-- which KVM measured: the host's, or kvm_amd nested under QEMU TCG (tools/nested.sh)
+local hi = kvm.host_info()
+local which = ({ kvm_pvm = "kvm_pvm (software KVM)", kvm_amd = "kvm_amd", kvm_intel = "kvm_intel" })[hi.module]
+  or tostring(hi.module)
+if os.getenv("LUAKVM_NESTED") == "1" then
+  which = "nested " .. which .. " under QEMU TCG (no usable /dev/kvm on the host)"
+elseif hi.hypervisor then
+  which = which .. " (this host itself runs under " .. hi.hypervisor .. ")"
+end
+local pvm = ", " .. which
 local out = {}
 local function say(fmt, ...) out[#out + 1] = (fmt:format(...):gsub("%s+$", "")) end
 say("luakvm bench, %s; Linux %s, %s, %s CPUs%s", os.date("!%Y-%m-%d %H:%M UTC"), first_line("uname -r"),

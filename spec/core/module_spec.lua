@@ -43,8 +43,8 @@ describe("kvm module", function()
 
   it("host_info() names the KVM that serves /dev/kvm, consistently with the booleans", function()
     local h = kvm.host_info()
-    local ok = kvm.available()
-    if ok then assert.is_string(h.module) end
+    local available = kvm.available()
+    if available then assert.is_string(h.module) end
     assert.equal(h.module == "kvm_pvm", h.pvm)
     assert.equal(h.module == "kvm_amd", h.amd)
     assert.equal(h.module == "kvm_intel", h.intel)

@@ -8,6 +8,8 @@
 -- Guests are byte strings with the instruction beside each byte, loaded at
 -- 0x1000 by support.guest (real mode unless a case says otherwise).
 local support = require "support"
+-- the outcomes that differ on kvm_pvm, a software KVM (HOST-NOTES.md)
+local PVM = select(2, pcall(function() return require("kvm").host_info().pvm end)) == true
 
 -- real mode: rep outsb of 65535 bytes from 0x10000 (ds = 0x1000) to port 0x10
 local OUTSB_64K = "\xb8\x00\x10"   -- mov ax, 0x1000
@@ -417,26 +419,28 @@ describe("hostile guests #guest", function()
       assert.equal("shutdown", e.reason, tostring(e))
     end)
 
-    -- kvm_pvm's emulator does not know int3 (HOST-NOTES.md): internal_error there
-    it("int3 with an IDT limit of 0 (protected mode): 'shutdown', or KVM's 'internal_error' naming the byte", function()
+    -- a triple fault on hardware KVM (kvm_amd resets the vCPU after one: rip
+    -- reads 0xfff0); kvm_pvm's emulator does not know int3 (HOST-NOTES.md)
+    it("int3 with an IDT limit of 0 (protected mode): 'shutdown' (kvm_pvm: 'internal_error' naming the byte)", function()
       support.need_kvm()
       local vm, cpu = guest(INT3, { mode = "protected" })
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 5 }
-      assert.is_true(e.reason == "shutdown" or e.reason == "internal_error", tostring(e))
+      assert.equal(PVM and "internal_error" or "shutdown", e.reason, tostring(e))
       if e.reason == "internal_error" then
         assert.equal(0x1000, e.rip)
         if e.insn then assert.equal(0xcc, e.insn:byte(1)) end
       end
     end)
 
-    it("in real mode an IVT limit of 0 is not enforced here: int3 through an empty IVT runs zeros, stopped by the timeout", function()
+    -- the CPU checks the IVT limit in real mode too; kvm_pvm does not: int3
+    -- through its empty IVT runs zeros until the timeout
+    it("int3 in real mode with an IVT limit of 0: 'shutdown' (kvm_pvm: runs on to the timeout)", function()
       support.need_kvm()
       local vm, cpu = guest(INT3)
       cpu:set_sregs{ idt = { base = 0, limit = 0 } }
       local e = cpu:run{ timeout = 0.3 }
-      local allowed = { shutdown = true, timeout = true, internal_error = true }
-      assert.is_true(allowed[e.reason], tostring(e))
+      assert.equal(PVM and "timeout" or "shutdown", e.reason, tostring(e))
     end)
 
     it("after a shutdown, run() again does not hang or crash", function()
@@ -453,13 +457,10 @@ describe("hostile guests #guest", function()
         support.need_kvm()
         local vm, cpu = guest(JMP_UNMAPPED, { mode = mode })
         local e = cpu:run{ timeout = 5 }
-        local allowed = { mmio = true, internal_error = true, shutdown = true, fail_entry = true }
-        assert.is_true(allowed[e.reason], tostring(e))
-        assert.is_string(tostring(e))
-        if e.reason == "mmio" then
-          assert.is_false(e.is_write)
-          assert.equal(0xe0000000, e.addr)
-        end
+        -- an instruction fetch from no memory: KVM's emulator gives up there
+        assert.equal("internal_error", e.reason, tostring(e))
+        assert.equal(1, e.suberror)
+        assert.equal(0xe0000000, e.rip)
         vm:close()
         local vm2, cpu2 = guest("\xf4")
         assert.equal("hlt", cpu2:run().reason)     -- KVM still works for the next VM
@@ -560,16 +561,16 @@ describe("hostile guests #guest", function()
       assert.equal(0x1002, e.rip)
     end)
 
-    it("cli; hlt with the in-kernel irqchip: 'hlt' or 'timeout', never a hang", function()
+    it("cli; hlt with the in-kernel irqchip: KVM halts the vCPU itself, run() ends at its timeout", function()
       support.need_kvm()
       local vm, cpu = irqchip_guest(CLI_HLT)
       local t0 = kvm.now()
       local e = cpu:run{ timeout = 0.3 }
       local dt = kvm.now() - t0
-      assert.is_true(e.reason == "hlt" or e.reason == "timeout", tostring(e))
+      assert.equal("timeout", e.reason, tostring(e))
       assert.is_true(dt < 3, ("took %.3f s"):format(dt))
       e = cpu:run{ timeout = 0.3 }                     -- again: still no hang
-      assert.is_true(e.reason == "hlt" or e.reason == "timeout", tostring(e))
+      assert.equal("timeout", e.reason, tostring(e))
     end)
   end)
 
