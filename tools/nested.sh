@@ -14,12 +14,15 @@
 #        CMD on this machine's KVM when it is usable (LUAKVM_KVM=host|nested|auto,
 #        default auto), else nested, saying so in one line first; --userspace:
 #        CMD runs a guest's user mode, which kvm_pvm cannot, so nested there too
+# LUAKVM_NESTED_CPU: QEMU's -cpu (see CPU below); LUAKVM_NESTED_KVM_AMD: options
+# for kvm-amd.ko inside (e.g. "npt=0"); LUAKVM_NESTED_MEM: memory (4G).
 #
 # Inside: the host's / read-only at /, this checkout read-write at the same path,
 # /proc /sys /dev as the guest's own (with /dev/kvm), /tmp a tmpfs; CMD runs in
 # the checkout with the caller's PATH, TERM, LANG, LUAKVM_*, *SAN_OPTIONS and the
-# bench's variables, HOME=/tmp and LUAKVM_NESTED=1. CMD's output streams to stdout as it happens; its exit status
-# is this script's. The guest kernel's own console goes to a log whose tail is
+# bench's variables, HOME=/tmp and LUAKVM_NESTED=1. CMD's output streams to
+# stdout as it happens (through the guest's second UART); its exit status is
+# this script's. The guest kernel's own console goes to a log whose tail is
 # printed when something goes wrong.
 #
 # Cache: $LUAKVM_NESTED_DIR (default .nested/ in the checkout, git-ignored):
@@ -39,10 +42,12 @@ META_PKG=linux-image-amd64
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd"
 QEMU=${QEMU:-qemu-system-x86_64}
-# QEMU 7.2's TCG emulates AVX/AVX2 wrongly somewhere: glibc's AVX2 string
-# functions corrupted the heap of a spec run (seen: "corrupted size vs.
-# prev_size" in badargs_spec, gone with GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2):
-# the first-level CPU has no AVX (nor what needs it)
+# The first-level CPU has no AVX (nor what needs it): with QEMU 7.2's TCG
+# AVX/AVX2, badargs_spec alone corrupted lua5.4's heap there ("corrupted size
+# vs. prev_size", glibc's string functions use AVX2), and passed with AVX off
+# (-cpu or GLIBC_TUNABLES). One process loading the whole suite still did it
+# without AVX and with npt=0, clean under ASan and on the host's KVM, which is
+# why tools/test.sh runs each spec file in its own process here.
 CPU=${LUAKVM_NESTED_CPU:-max,-avx,-avx2,-fma,-f16c,-vaes}
 
 TMP=
