@@ -221,7 +221,7 @@ hypervisor bit is set without one, nil on bare metal.
 */
 static int l_host_info(lua_State *L) {
   unsigned a, b, c, d;
-  int vmx = 0, svm = 0, hv = 0;
+  unsigned vmx = 0, svm = 0, hv = 0;
   char sig[13] = "";
   if (__get_cpuid(1, &a, &b, &c, &d)) { vmx = (c >> 5) & 1; hv = (c >> 31) & 1; }
   if (__get_cpuid(0x80000001, &a, &b, &c, &d)) svm = (c >> 2) & 1;
@@ -248,9 +248,9 @@ static int l_host_info(lua_State *L) {
   lua_setfield(L, -2, "amd");
   if (hv) lua_pushstring(L, sig); else lua_pushnil(L);
   lua_setfield(L, -2, "hypervisor");
-  lua_pushboolean(L, vmx);
+  lua_pushboolean(L, (int)vmx);
   lua_setfield(L, -2, "vmx");
-  lua_pushboolean(L, svm);
+  lua_pushboolean(L, (int)svm);
   lua_setfield(L, -2, "svm");
   return 1;
 }
