@@ -650,6 +650,7 @@ static int run_setup(lua_State *L, RunState *rs) {
   if (sigaction(SIGINT, &sa, &rs->old_int) == 0) rs->int_installed = 1;
   uint64_t period = 0;
   if (rs->vm->serial.enabled && rs->vm->serial.in_fd >= 0) period = 10000000;   /* 10 ms */
+  else if (rs->vm->has_irqchip) period = 50000000;   /* 50 ms: halted for good? */
   if (rs->deadline || period) {
     struct sigevent sev;
     memset(&sev, 0, sizeof sev);
@@ -862,8 +863,23 @@ static int dispatch_mmio(lua_State *L, RunState *rs) {
   return D_CONTINUE;
 }
 
-/* the periodic tick (timer signal): the deadline, serial input, and output
-   left without a newline (a prompt, an echoed key) while the guest idles */
+/* Halted for good: with the in-kernel irqchip, HLT does not exit; a vCPU
+   KVM holds halted (KVM_GET_MP_STATE) with interrupts disabled and no NMI or
+   event pending can only be woken by an NMI, and nothing here sends one (a
+   kernel's "System halted", or `cli; hlt`). */
+static int halted_for_good(Vcpu *c) {
+  struct kvm_mp_state mp;
+  struct kvm_regs r;
+  struct kvm_vcpu_events e;
+  if (ioctl(c->fd, KVM_GET_MP_STATE, &mp) < 0 || mp.mp_state != KVM_MP_STATE_HALTED) return 0;
+  if (ioctl(c->fd, KVM_GET_REGS, &r) < 0 || (r.rflags & 0x200)) return 0;
+  if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return 0;
+  return !e.nmi.pending && !e.nmi.injected && !e.interrupt.injected && !e.exception.injected;
+}
+
+/* the periodic tick (timer signal): the deadline, a vCPU halted for good,
+   serial input, and output left without a newline (a prompt, an echoed key)
+   while the guest idles */
 static int run_tick(lua_State *L, RunState *rs) {
   Vm *vm = rs->vm;
   Serial *s = &vm->serial;
@@ -871,6 +887,13 @@ static int run_tick(lua_State *L, RunState *rs) {
   rs->c->run->immediate_exit = 0;
   if (rs->deadline && kvm_now_ns() >= rs->deadline) {
     rs->why = "timeout";
+    return D_RETURN;
+  }
+  if (vm->has_irqchip && halted_for_good(rs->c)) {
+    if (s->enabled && (s->flush_wanted || s->out_len) &&
+        serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
+      return D_ERROR;
+    rs->why = "halted";
     return D_RETURN;
   }
   if (s->enabled && s->in_fd >= 0) serial_poll_input(vm, s);
@@ -890,7 +913,9 @@ an Exit for anything not handled.
 @function vcpu:run
 @tparam[opt] table opts {unclaimed = "return"|"ignore", max_exits = n, timeout = seconds}
 @treturn kvm.exit reason "hlt", "io", "mmio", "shutdown", "internal_error", ...,
-  or the synthetic "timeout", "max_exits", "intr", "stopped", "debug_exit", "reset"
+  or the synthetic "timeout", "max_exits", "intr", "stopped", "debug_exit", "reset",
+  "halted" (in-kernel irqchip: halted with interrupts disabled, nothing pending,
+  seen within 50 ms)
 @return[2] fail, "KVM_RUN: ...", errno
 */
 static int l_vcpu_run(lua_State *L) {
