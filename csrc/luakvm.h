@@ -50,6 +50,9 @@ typedef struct Serial {
   int irq_level;                 /* last level driven on the irq line */
   uint8_t rx[SERIAL_FIFO];
   int rx_head, rx_count;
+  uint8_t held[2 * SERIAL_FIFO]; /* typed bytes a FIFO reset took back, oldest first */
+  int held_len;
+  int lsr_polls;                 /* LSR reads in a row: a driver polling for input */
   char out[SERIAL_OUTBUF];
   size_t out_len;
   uint64_t out_first_ns;         /* when the oldest unflushed byte was written */

@@ -85,6 +85,23 @@ static int rx_trigger(const Serial *s) {
 
 static void rx_clear(Serial *s) { s->rx_head = 0; s->rx_count = 0; }
 
+/* The guest's driver resets the receive FIFO when it probes the port and on
+   every open: typeahead (bytes from the host's input, not loopback) is not
+   lost there but taken back, ahead of anything still held, and delivered
+   first once the FIFO has room again. */
+static void rx_reset(Serial *s) {
+  if (s->in_fd >= 0 && !(s->mcr & MCR_LOOP) && s->rx_count > 0) {
+    uint8_t keep[sizeof s->held];
+    int n = 0;
+    for (int i = 0; i < s->rx_count && n < (int)sizeof keep; i++)
+      keep[n++] = s->rx[(s->rx_head + i) % SERIAL_FIFO];
+    for (int i = 0; i < s->held_len && n < (int)sizeof keep; i++) keep[n++] = s->held[i];
+    memcpy(s->held, keep, (size_t)n);
+    s->held_len = n;
+  }
+  rx_clear(s);
+}
+
 /* one received byte; a full FIFO drops it and flags an overrun */
 static void rx_push(Serial *s, uint8_t v) {
   if (s->rx_count >= rx_capacity(s)) {
@@ -150,19 +167,37 @@ void serial_reset(Serial *s) {
   s->iir = IIR_NONE;
   s->thri_pending = 0;
   rx_clear(s);
+  s->held_len = 0;
+  s->lsr_polls = 0;
   s->out_len = 0;
   s->flush_wanted = 0;
 }
 
+/* Input moves from the host into the FIFO only while the guest wants it: its
+   driver enabled the receive interrupt and the IRQ line (IER bit 0, MCR OUT2),
+   or it polls LSR (LSR_POLLING reads in a row; Linux's console reads it twice
+   in a row at times).
+   Linux reads LSR then RBR once to clear the port when it probes and opens
+   it: a byte pulled in by that LSR read would be thrown away (typeahead lost
+   its first bytes that way); it waits in the host instead. */
+#define LSR_POLLING 8
 static int input_usable(const Serial *s) {
   return s->enabled && s->in_fd >= 0 && !s->in_eof && !(s->mcr & MCR_LOOP) &&
-         s->in_stream != NULL && s->in_stream->closef != NULL;
+         s->in_stream != NULL && s->in_stream->closef != NULL &&
+         (((s->ier & IER_ERBFI) && (s->mcr & MCR_OUT2)) || s->lsr_polls >= LSR_POLLING);
 }
 
 /* read what is ready without blocking; 1 if bytes arrived */
 static int fill_rx(Serial *s) {
   int room = rx_capacity(s) - s->rx_count;
   if (room <= 0 || !input_usable(s)) return 0;
+  if (s->held_len > 0) {         /* typeahead a FIFO reset took back comes first */
+    int n = s->held_len < room ? s->held_len : room;
+    for (int i = 0; i < n; i++) rx_push(s, s->held[i]);
+    memmove(s->held, s->held + n, (size_t)(s->held_len - n));
+    s->held_len -= n;
+    return 1;
+  }
   struct pollfd pfd = { .fd = s->in_fd, .events = POLLIN, .revents = 0 };
   if (poll(&pfd, 1, 0) <= 0) return 0;
   if (pfd.revents & POLLNVAL) { s->in_eof = 1; return 0; }
@@ -204,6 +239,8 @@ static void transmit(Serial *s, uint8_t v) {
 
 static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
   uint8_t v;
+  if (off != R_LSR) s->lsr_polls = 0;
+  else if (s->lsr_polls < LSR_POLLING) s->lsr_polls++;
   switch (off) {
   case R_RBR_THR:
     if (s->lcr & LCR_DLAB) return s->dll;
@@ -230,7 +267,9 @@ static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
   case R_MCR:
     return s->mcr;
   case R_LSR:
-    if (s->rx_count == 0) fill_rx(s);
+    /* a polling driver gets input here; an interrupt-driven one on the tick
+       (Linux reads LSR then RBR to clear the port when it opens it) */
+    if (s->rx_count == 0 && s->lsr_polls >= LSR_POLLING) fill_rx(s);
     v = (uint8_t)((s->lsr & LSR_ERRS) | LSR_THRE | LSR_TEMT | (s->rx_count ? LSR_DR : 0));
     s->lsr &= (uint8_t)~LSR_ERRS;
     update_irq(vm, s);
@@ -247,6 +286,7 @@ static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
 }
 
 static void write_reg(Vm *vm, Serial *s, unsigned off, uint8_t v) {
+  s->lsr_polls = 0;
   switch (off) {
   case R_RBR_THR:
     if (s->lcr & LCR_DLAB) { s->dll = v; return; }
@@ -259,8 +299,8 @@ static void write_reg(Vm *vm, Serial *s, unsigned off, uint8_t v) {
     s->ier = v & 0x0f;
     break;
   case R_IIR_FCR:
-    if ((v ^ s->fcr) & FCR_ENABLE) rx_clear(s);   /* toggling the FIFOs resets them */
-    if (v & FCR_CLR_RX) rx_clear(s);
+    if ((v ^ s->fcr) & FCR_ENABLE) rx_reset(s);   /* toggling the FIFOs resets them */
+    if (v & FCR_CLR_RX) rx_reset(s);
     /* FCR_CLR_TX: the transmit FIFO is always empty */
     s->fcr = (v & FCR_ENABLE) ? (uint8_t)(v & 0xc9) : 0;
     break;
@@ -268,6 +308,8 @@ static void write_reg(Vm *vm, Serial *s, unsigned off, uint8_t v) {
     s->lcr = v;
     return;
   case R_MCR:
+    /* into loopback (Linux's probe): typed bytes in the FIFO wait in the VMM */
+    if ((v & MCR_LOOP) && !(s->mcr & MCR_LOOP)) rx_reset(s);
     s->mcr = v & 0x1f;
     set_modem_lines(s);
     break;

@@ -616,6 +616,8 @@ typedef struct RunState {
   struct sigaction old_int;
   int int_installed;
   const char *why;          /* synthetic reason when returning */
+  uint64_t halted_since;    /* ns: first tick that saw the vCPU halted for good */
+  uint64_t halted_rip;
   int debug_code;
 } RunState;
 
@@ -867,14 +869,29 @@ static int dispatch_mmio(lua_State *L, RunState *rs) {
    KVM holds halted (KVM_GET_MP_STATE) with interrupts disabled and no NMI or
    event pending can only be woken by an NMI, and nothing here sends one (a
    kernel's "System halted", or `cli; hlt`). */
-static int halted_for_good(Vcpu *c) {
+static int halted_now(Vcpu *c, uint64_t *rip) {
   struct kvm_mp_state mp;
   struct kvm_regs r;
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_MP_STATE, &mp) < 0 || mp.mp_state != KVM_MP_STATE_HALTED) return 0;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0 || (r.rflags & 0x200)) return 0;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return 0;
+  *rip = r.rip;
   return !e.nmi.pending && !e.nmi.injected && !e.interrupt.injected && !e.exception.injected;
+}
+
+/* ... and stays so at the same RIP for HALTED_NS: a kernel booting on
+   kvm_amd was seen halted with IF clear for a moment (and went on) */
+#define HALTED_NS 1000000000u
+static int halted_for_good(RunState *rs) {
+  uint64_t rip, now = kvm_now_ns();
+  if (!halted_now(rs->c, &rip)) { rs->halted_since = 0; return 0; }
+  if (rs->halted_since == 0 || rip != rs->halted_rip) {
+    rs->halted_since = now;
+    rs->halted_rip = rip;
+    return 0;
+  }
+  return now - rs->halted_since >= HALTED_NS;
 }
 
 /* the periodic tick (timer signal): the deadline, a vCPU halted for good,
@@ -889,7 +906,7 @@ static int run_tick(lua_State *L, RunState *rs) {
     rs->why = "timeout";
     return D_RETURN;
   }
-  if (vm->has_irqchip && halted_for_good(rs->c)) {
+  if (vm->has_irqchip && halted_for_good(rs)) {
     if (s->enabled && (s->flush_wanted || s->out_len) &&
         serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
       return D_ERROR;
@@ -914,8 +931,8 @@ an Exit for anything not handled.
 @tparam[opt] table opts {unclaimed = "return"|"ignore", max_exits = n, timeout = seconds}
 @treturn kvm.exit reason "hlt", "io", "mmio", "shutdown", "internal_error", ...,
   or the synthetic "timeout", "max_exits", "intr", "stopped", "debug_exit", "reset",
-  "halted" (in-kernel irqchip: halted with interrupts disabled, nothing pending,
-  seen within 50 ms)
+  "halted" (in-kernel irqchip: halted with interrupts disabled and nothing
+  pending, at the same RIP for a second)
 @return[2] fail, "KVM_RUN: ...", errno
 */
 static int l_vcpu_run(lua_State *L) {

@@ -15,7 +15,9 @@ for m in $(cat /lib/modules/order); do
 	[ "$m" = kvm-amd ] && break
 	insmod "/lib/modules/$m.ko" || fail "insmod $m failed"
 done
-o=trans=virtio,version=9p2000.L,msize=262144
+msize=262144
+for w in $(cat /proc/cmdline); do case $w in luakvm.msize=*) msize=${w#*=} ;; esac; done
+o=trans=virtio,version=9p2000.L,msize=$msize
 mount -t 9p -o "$o" run /run || fail "cannot mount the run folder"
 # shellcheck disable=SC2046
 insmod /lib/modules/kvm-amd.ko $(cat /run/kvm_amd_options) || fail "insmod kvm-amd failed"

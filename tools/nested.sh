@@ -181,7 +181,7 @@ run() {
 	set -- "$QEMU" -M q35 -accel tcg -cpu "$CPU" -smp 1 -m "$mem" \
 		-display none -monitor none -no-reboot \
 		-kernel "$CACHE/vmlinuz" -initrd "$CACHE/initrd.cpio.gz" \
-		-append "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable clocksource=tsc" \
+		-append "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable clocksource=tsc luakvm.msize=${LUAKVM_NESTED_MSIZE:-262144}" \
 		-serial "file:$TMP/console.log" $io -serial chardev:io \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 		-virtfs "local,path=$ROOT,mount_tag=checkout,security_model=none,multidevs=remap" \

@@ -15,23 +15,28 @@ local function exists(p)
 end
 
 describe("#e2e #userspace Linux to a shell", function()
-  it("reaches /init, which prints its marker, answers a command typed at its shell, and halts on poweroff -f", function()
+  it("reaches /init, which prints its marker, runs what was typed ahead, answers a command typed at its shell, " ..
+     "and halts on poweroff -f", function()
     support.need_kvm()
     if not exists(DIR .. "/vmlinux") or not exists(DIR .. "/initramfs.cpio.gz") then
       return pending("no kernel or initramfs in " .. DIR .. ": run make kernel")
     end
-    -- the keyboard: a child that types a command once told to, then, told
-    -- again, "poweroff -f" (without ACPI the kernel halts: run() says "halted")
+    -- the keyboard: a child that types a line ahead, before the kernel has
+    -- started, then a command once told to, then, told again, "poweroff -f"
+    -- (without ACPI the kernel halts: run() says "halted")
     local go, done = os.tmpname(), os.tmpname()
     os.remove(go); os.remove(done)
-    local typist = assert(io.popen(("sh -c 'while [ ! -e %s ]; do sleep 0.2; done; " ..
+    local typist = assert(io.popen(("sh -c 'printf \"echo ahead-\\$((40+2))\\n\"; " ..
+      "while [ ! -e %s ]; do sleep 0.2; done; " ..
       "printf \"echo luakvm-\\$((6*7))\\n\"; while [ ! -e %s ]; do sleep 0.2; done; " ..
       "printf \"poweroff -f\\n\"'"):format(go, done), "r"))
     local seen, ctx = "", nil
     local stage = "init"
+    local ahead = false
     local function output(bytes)
       io.stderr:write(bytes)
       seen = (seen .. bytes):sub(-8192)
+      if seen:find("ahead-42", 1, true) then ahead = true end
       if stage == "init" and seen:find("LUAKVM-INIT-OK", 1, true) then
         stage = "shell"
         seen = ""
@@ -52,6 +57,7 @@ describe("#e2e #userspace Linux to a shell", function()
     os.remove(go); os.remove(done)
     ctx.vm:close()
     assert.are_not.equal("init", stage, "no LUAKVM-INIT-OK from /init; run ended with " .. tostring(e))
+    assert.is_true(ahead, "what was typed ahead did not run (\"ahead-42\" never printed)")
     assert.equal("done", stage, "the shell did not answer; run ended with " .. tostring(e))
     assert.equal("halted", e.reason, tostring(e))
   end)
