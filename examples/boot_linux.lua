@@ -99,6 +99,8 @@ elseif e.reason == "intr" then
   io.stderr:write(string.format("\r\nboot_linux: interrupted after %ds\n", elapsed))
 elseif e.reason == "timeout" then
   io.stderr:write(string.format("\r\nboot_linux: timeout after %ds\n", elapsed))
+elseif e.reason == "stopped" and ctx.power.state == "poweroff" then
+  io.stderr:write(string.format("\r\nboot_linux: the guest powered off after %ds\n", elapsed))
 elseif e.reason == "halted" then
   -- poweroff or halt without ACPI: the kernel stops with interrupts off
   io.stderr:write(string.format("\r\nboot_linux: the guest halted after %ds\n", elapsed))

@@ -16,6 +16,8 @@ local x86 = require "kvm.x86"
 local bootparams = require "kvm.bootparams"
 local e820 = require "kvm.e820"
 local hostprofile = require "kvm.hostprofile"
+local acpi = require "kvm.acpi"
+local pm = require "kvm.pm"
 
 local fmt = string.format
 local ult = math.ult
@@ -44,6 +46,7 @@ linux.DEFAULT_LAYOUT = {
   cmdline = 0x20000,        -- up to cmdline_size bytes
   identity_map = 0xfeffc000, -- VT-x real-mode identity page (1 page)
   tss = 0xfeffd000,         -- VT-x TSS (3 pages)
+  acpi = 0xe0000,           -- ACPI tables (kvm.acpi), in the reserved legacy hole
 }
 
 local function hex(v) return fmt("0x%x", v) end
@@ -151,7 +154,9 @@ end
 -- CPUID and registers. Options as `linux.boot`. Every check on the files and
 -- the layout is done before the vCPU exists; nothing is written outside
 -- guest memory.
--- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820=, cmdline=, entry=, kind=, profile=}
+-- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820=, cmdline=, entry=, kind=, profile=,
+--   acpi = kvm.acpi.build's result (nil with acpi = false), power = {state = "poweroff" once
+--   the guest entered S5: run() then returned "stopped"}}
 -- @return[2] nil, message (a bad file, a layout that does not fit, KVM failing)
 function linux.setup(opts)
   if type(opts) ~= "table" then error("linux.setup: options table expected", 2) end
@@ -304,12 +309,31 @@ function linux.setup(opts)
     ext_ramdisk_image = initrd_addr and initrd_addr >> 32 or 0,
     ext_ramdisk_size = initrd_size and initrd_size >> 32 or 0,
   }
+  -- the machine description: ACPI tables (CPUs, IOAPIC, power off); opts.acpi
+  -- = false leaves them out, a table adds to the options of kvm.acpi.build
+  local built
+  if opts.acpi ~= false then
+    local aopts = { base = layout.acpi, cpus = 1, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
+    for k, v in pairs(type(opts.acpi) == "table" and opts.acpi or {}) do aopts[k] = v end
+    local okb, b = pcall(acpi.build, aopts)
+    if not okb then return fail(tostring(b)) end
+    built = b
+    acpi.write(vm, built)
+    bp.acpi_rsdp_addr = built.rsdp
+  end
   if opts.bootparams then opts.bootparams(bp) end  -- a hook to change anything
   vm:write(layout.zero_page, bootparams.pack(bp))
 
   -- devices a boot touches
   vm:serial{ port = 0x3f8, irq = 4, output = opts.output or io.stdout, input = opts.input }
   vm:legacy_ports()
+  local power = {}
+  if built then
+    -- PM1a: S5 ends the run ("stopped", ctx.power = "poweroff")
+    pm.attach(vm, { evt = built.pm1a_evt, cnt = built.pm1a_cnt, on_sleep = function(typ)
+      if typ == pm.S5 then power.state = "poweroff" return kvm.STOP end
+    end })
+  end
 
   -- the vCPU: CPUID, long mode, registers
   local cpu, cerr = vm:vcpu(0)
@@ -343,6 +367,7 @@ function linux.setup(opts)
     vm = vm, cpu = cpu, ram = rams, layout = layout, e820 = map, cmdline = cmdline,
     entry = entry, kind = kind, kernel = kinfo, initrd = initrd_addr and
       { addr = initrd_addr, size = initrd_size } or nil, profile = profile,
+    acpi = built, power = power,
   }
 end
 
