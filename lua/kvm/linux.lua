@@ -396,13 +396,17 @@ end
 -- @tparam[opt] table opts `timeout` (seconds for the whole run; the exit is
 --   then reason "timeout"), `on_exit` (function(e, ctx), true resumes),
 --   `every` + `on_tick` (function(ctx, elapsed_seconds) called every `every`
---   seconds while the guest runs: progress reports)
+--   seconds while the guest runs: progress reports), `unclaimed` ("ignore",
+--   the default: all ones; "return": end the run at such an access)
 -- @return the Exit that ended the run
 function linux.run(ctx, opts)
   opts = opts or {}
   local start = kvm.now()
   local deadline = opts.timeout and start + opts.timeout
-  local run_opts = {}
+  -- a port or MMIO address nobody claimed reads as all ones and ignores
+  -- writes, as on a PC (and in QEMU and Firecracker): a kernel probing for
+  -- hardware that is not there goes on (counted in vm:stats())
+  local run_opts = { unclaimed = opts.unclaimed or "ignore" }
   while true do
     local slice = opts.every
     if deadline then
