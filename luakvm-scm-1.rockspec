@@ -38,6 +38,9 @@ build = {
     ["kvm.linux"] = "lua/kvm/linux.lua",
     ["kvm.hostprofile"] = "lua/kvm/hostprofile.lua",
     ["kvm.emulate"] = "lua/kvm/emulate.lua",
+    ["kvm.acpi"] = "lua/kvm/acpi.lua",
+    ["kvm.pm"] = "lua/kvm/pm.lua",
+    ["kvm.cpuid"] = "lua/kvm/cpuid.lua",
   },
   install = {
     bin = { ["kvm-boot"] = "examples/boot_linux.lua" },

@@ -17,6 +17,7 @@ local bootparams = require "kvm.bootparams"
 local e820 = require "kvm.e820"
 local hostprofile = require "kvm.hostprofile"
 local acpi = require "kvm.acpi"
+local cpuid = require "kvm.cpuid"
 local pm = require "kvm.pm"
 
 local fmt = string.format
@@ -338,17 +339,10 @@ function linux.setup(opts)
   -- the vCPU: CPUID, long mode, registers
   local cpu, cerr = vm:vcpu(0)
   if not cpu then return fail(cerr) end
-  local entries, cpuerr = kvm.supported_cpuid()
+  -- what the guest sees (kvm.cpuid): the hypervisor bit, KVM's leaves, the
+  -- host profile's changes, the user's hook last
+  local entries, cpuerr = cpuid.guest{ profile = profile, hook = opts.cpuid }
   if not entries then return fail(cpuerr) end
-  -- CPUID.1:ECX[31], "running under a hypervisor": KVM leaves it clear, a VMM
-  -- sets it (QEMU and Firecracker do); without it Linux never reads KVM's
-  -- leaves at 0x40000000, so no kvm-clock and a boot that hangs or limps on
-  -- PIT calibration
-  for _, ent in ipairs(entries) do
-    if ent.func == 1 then ent.ecx = ent.ecx | (1 << 31) end
-  end
-  if profile and profile.cpuid then profile.cpuid(entries) end
-  if opts.cpuid then entries = opts.cpuid(entries) or entries end
   local okc, cperr = cpu:set_cpuid(entries)
   if not okc then return fail(cperr) end
   -- 1 GiB pages when the guest's CPUID offers them (pdpe1gb), else 2 MiB

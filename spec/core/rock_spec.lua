@@ -29,7 +29,7 @@ local function rockspec_sources()
   local env = {}
   local chunk = assert(loadfile("luakvm-scm-1.rockspec", "t", env))
   chunk()
-  return env.build.modules["kvm.core"].sources
+  return env.build.modules["kvm.core"].sources, env.build.modules
 end
 
 describe("#rock the rock", function()
@@ -40,6 +40,16 @@ describe("#rock the rock", function()
     assert.is_true(ok, out)
     for f in out:gmatch("%S+") do
       assert.is_true(listed[f] == true, f .. " is not in luakvm-scm-1.rockspec's kvm.core sources")
+    end
+  end)
+
+  it("installs every Lua module of lua/kvm/", function()
+    local _, modules = rockspec_sources()
+    local ok, out = sh("ls lua/kvm/*.lua")
+    assert.is_true(ok, out)
+    for f in out:gmatch("%S+") do
+      local name = f:match("^lua/(.*)%.lua$"):gsub("/init$", ""):gsub("/", ".")
+      assert.equal(f, modules[name], name .. " is not in luakvm-scm-1.rockspec's modules")
     end
   end)
 
