@@ -91,7 +91,7 @@ static void rx_clear(Serial *s) { s->rx_head = 0; s->rx_count = 0; }
    first once the FIFO has room again. */
 static void rx_reset(Serial *s) {
   if (s->in_fd >= 0 && !(s->mcr & MCR_LOOP) && s->rx_count > 0) {
-    uint8_t keep[sizeof s->held];
+    uint8_t keep[sizeof s->held] = {0};
     int n = 0;
     for (int i = 0; i < s->rx_count && n < (int)sizeof keep; i++)
       keep[n++] = s->rx[(s->rx_head + i) % SERIAL_FIFO];
