@@ -206,7 +206,7 @@ if BOOT_ROUNDS > 0 and have_kernel then
   io.stderr:write("\r\27[2K")
   local samples, cmdline = {}, res.cmdline
   for _, who in ipairs{ "ours", "qemu" } do
-    local s = { own = {}, anon = {}, console = {}, first = {} }
+    local s = { own = {}, anon = {}, console = {}, first = {}, init = {} }
     for r, b in ipairs(res[who]) do
       if b.console then
         s.console[#s.console + 1] = b.console
@@ -221,6 +221,7 @@ if BOOT_ROUNDS > 0 and have_kernel then
           :format(who, r, b.stopped or "?", b.last:sub(1, 80))
       end
       if b.first then s.first[#s.first + 1] = b.first end
+      if b.init then s.init[#s.init + 1] = b.init end
       if b.cmdline ~= cmdline then
         notes[#notes + 1] = ("%s round %d: the kernel's command line differs from the expected one: %s")
           :format(who, r, tostring(b.cmdline))
@@ -233,9 +234,11 @@ if BOOT_ROUNDS > 0 and have_kernel then
   row("5b  of which anonymous (MiB)", o.anon, q.anon)
   row("6a boot to console enabled (s)", o.console, q.console, "<=1.0x", ratio_le(1.0))
   row("6b spawn to first kernel msg (s)", o.first, q.first)
+  row("6c spawn to Run /init (s)", o.init, q.init, "<=1.0x", ratio_le(1.0))
   notes[#notes + 1] = ("rows 5-6: %d boots each, interleaved; reference: QEMU (%s), -M microvm -accel kvm, "
-    .. "same vmlinux, command line and %d MiB; milestone \"%s\""):format(BOOT_ROUNDS,
-    (sh("qemu-system-x86_64 --version"):match("version ([%w.+~:-]+)") or "?"), boot.MEMORY_MIB, boot.MILESTONE)
+    .. "same vmlinux, initramfs, command line and %d MiB; milestones \"%s\", \"%s\""):format(BOOT_ROUNDS,
+    (sh("qemu-system-x86_64 --version"):match("version ([%w.+~:-]+)") or "?"), boot.MEMORY_MIB, boot.MILESTONE,
+    boot.INIT)
   for who, s in pairs(samples) do
     if #s.console < BOOT_ROUNDS then
       notes[#notes + 1] = ("%s reached the milestone in %d of %d boots"):format(who, #s.console, BOOT_ROUNDS)

@@ -6,9 +6,10 @@
 --   5. memory: at "printk: console [ttyS0] enabled", the child's VmRSS less
 --      the Rss of its 128 MiB guest RAM mapping (found in /proc/PID/smaps by
 --      its size): what the VMM itself keeps resident. Goal <= 5 MiB.
---   6. boot: spawn to "console [ttyS0] enabled" (goal: ratio <= 1.0x), and
+--   6. boot: spawn to "console [ttyS0] enabled" (goal: ratio <= 1.0x),
 --      spawn to the first kernel message (the VMM's own set-up cost; QEMU's
---      includes its firmware).
+--      includes its firmware), and spawn to "Run /init as init process" with
+--      the same initramfs (`make kernel`'s busybox one).
 --
 -- Used by bench/bench.lua (`local boot = dofile "bench/boot.lua"`); runs from
 -- the top of the tree.
@@ -21,6 +22,8 @@ local boot = {}
 boot.MILESTONE = "printk: console [ttyS0] enabled"
 boot.MEMORY_MIB = 128
 boot.VMLINUX = os.getenv("VMLINUX") or "guest-kernel/vmlinux"
+boot.INITRD = os.getenv("INITRD") or "guest-kernel/initramfs.cpio.gz"
+boot.INIT = "Run /init as init process"
 boot.TIMEOUT = tonumber(os.getenv("BOOT_TIMEOUT") or "300")
 boot.OUT = "bench/out"
 
@@ -40,10 +43,11 @@ local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 --- The two commands, as shell words.
 function boot.commands()
   return {
-    ours = ("lua5.4 examples/boot_linux.lua %s --timeout %d"):format(q(boot.VMLINUX), boot.TIMEOUT),
+    ours = ("lua5.4 examples/boot_linux.lua %s --initrd %s --timeout %d")
+      :format(q(boot.VMLINUX), q(boot.INITRD), boot.TIMEOUT),
     qemu = ("qemu-system-x86_64 -M microvm -accel kvm -cpu host,-arch-capabilities,-cx16 -m %dM "
-      .. "-nodefaults -no-user-config -nographic -serial stdio -kernel %s -append %s")
-      :format(boot.MEMORY_MIB, q(boot.VMLINUX), q(boot.cmdline())),
+      .. "-nodefaults -no-user-config -nographic -serial stdio -kernel %s -initrd %s -append %s")
+      :format(boot.MEMORY_MIB, q(boot.VMLINUX), q(boot.INITRD), q(boot.cmdline())),
   }
 end
 
@@ -95,8 +99,9 @@ end
 
 --- One boot: spawn `cmd`, read its console to the milestone, take the memory
 -- there, kill it. The console goes to bench/out/boot-NAME.log, stderr to .err.
--- @treturn table {first = s, console = s, mem = boot.memory(), last = line,
---   cmdline = the command line the kernel printed}
+-- @treturn table {first = s, console = s, init = s ("Run /init"), mem =
+--   boot.memory() at the console milestone, last = line, cmdline = the
+--   command line the kernel printed}
 --   (`console` nil and `stopped` = "exit 3 after 95 s" if the child stopped or
 --   timed out before the milestone; timeout(1) exits 137 then)
 function boot.once(name, cmd)
@@ -118,10 +123,13 @@ function boot.once(name, cmd)
     if line ~= "" then r.last = line end
     if not r.first and line:match("^%[%s*%d+%.%d+%]") then r.first = t end
     r.cmdline = r.cmdline or line:match("^%[%s*%d+%.%d+%] Command line: (.-)%s*$")
-    if line:find(boot.MILESTONE, 1, true) then
+    if not r.console and line:find(boot.MILESTONE, 1, true) then
       r.console = t
       pid = child(tpid)
       r.mem = pid and boot.memory(pid)
+    end
+    if line:find(boot.INIT, 1, true) then
+      r.init = t
       break
     end
   end
