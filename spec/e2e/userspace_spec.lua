@@ -17,15 +17,15 @@ end
 
 -- Boot the kernel with the initramfs, type a line ahead (before the kernel
 -- has started), then a command once /init has printed its marker, then, once
--- the shell answered, "poweroff -f". setup: extra linux.setup options.
--- Returns the exit, ctx, and what was seen {ahead=, stage=}.
-local function boot_to_shell(setup)
+-- the shell answered, `last` (default "poweroff -f"). setup: extra
+-- linux.setup options. Returns the exit, ctx, and what was seen {ahead=, stage=}.
+local function boot_to_shell(setup, last)
   local go, done = os.tmpname(), os.tmpname()
   os.remove(go); os.remove(done)
   local typist = assert(io.popen(("sh -c 'printf \"echo ahead-\\$((40+2))\\n\"; " ..
     "while [ ! -e %s ]; do sleep 0.2; done; " ..
     "printf \"echo luakvm-\\$((6*7))\\n\"; while [ ! -e %s ]; do sleep 0.2; done; " ..
-    "printf \"poweroff -f\\n\"'"):format(go, done), "r"))
+    "printf \"%s\\n\"'"):format(go, done, last or "poweroff -f"), "r"))
   local seen, got, log = "", { stage = "init", ahead = false }, {}
   local function output(bytes)
     io.stderr:write(bytes)
@@ -48,7 +48,7 @@ local function boot_to_shell(setup)
   assert(ctx, err)
   ctx.log = function(msg) io.stderr:write("\n[userspace_spec] ", msg, "\n") end
   local t0 = kvm.now()
-  local e = linux.run(ctx, { timeout = 600 })
+  local e = linux.run(ctx, { timeout = 180 })
   got.seconds = kvm.now() - t0
   got.stats = ctx.vm:stats()
   got.log = table.concat(log)
@@ -83,7 +83,7 @@ describe("#e2e #userspace Linux to a shell", function()
                            "IOAPIC[0]: apic_id", "Hypervisor detected: KVM", "clocksource: Switched to clocksource kvm-clock" } do
       assert.is_truthy(got.log:find(line, 1, true), "not in the kernel's log: " .. line)
     end
-    assert.is_true(got.seconds < 300, ("took %.0f s"):format(got.seconds))
+    assert.is_true(got.seconds < 150, ("took %.0f s"):format(got.seconds))
   end)
 
   it("without ACPI and with a command line of its own (the 8250 driver probes COM2-4, nobody " ..
@@ -95,5 +95,13 @@ describe("#e2e #userspace Linux to a shell", function()
     assert.is_true(got.stats.unclaimed_io > 0, "no unclaimed port access was counted")
     assert.equal("halted", e.reason, tostring(e))
     assert.is_nil(ctx.power.state)
+  end)
+
+  it("boots the bzImage to its shell too, and reboot -f ends the run with 'reset'", function()
+    need_kernel()
+    if not exists(DIR .. "/bzImage") then return pending("no " .. DIR .. "/bzImage: run make kernel") end
+    local e, ctx = boot_to_shell({ kernel = DIR .. "/bzImage" }, "reboot -f")
+    assert.equal("bzimage", ctx.kind)
+    assert.equal("reset", e.reason, tostring(e))
   end)
 end)
