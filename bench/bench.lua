@@ -257,11 +257,10 @@ if os.getenv("LUAKVM_NESTED") == "1" then
 elseif hi.hypervisor then
   which = which .. " (this host itself runs under " .. hi.hypervisor .. ")"
 end
-local pvm = ", " .. which
 local out = {}
 local function say(fmt, ...) out[#out + 1] = (fmt:format(...):gsub("%s+$", "")) end
 say("luakvm bench, %s; Linux %s, %s, %s CPUs%s", os.date("!%Y-%m-%d %H:%M UTC"), first_line("uname -r"),
-  cpu, first_line("nproc"), pvm)
+  cpu, first_line("nproc"), ", " .. which)
 say("%-36s %-27s %-27s %7s %8s %4s", "row: median [min..max]", "luakvm", "reference", "ratio", "goal", "met")
 for _, r in ipairs(rows) do
   local ref = r.rm and ("%8.3f [%7.3f..%7.3f]"):format(r.rm, r.rlo, r.rhi) or "-"

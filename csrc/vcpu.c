@@ -906,17 +906,14 @@ static int run_tick(lua_State *L, RunState *rs) {
     rs->why = "timeout";
     return D_RETURN;
   }
-  if (vm->has_irqchip && halted_for_good(rs)) {
-    if (s->enabled && (s->flush_wanted || s->out_len) &&
-        serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
-      return D_ERROR;
-    rs->why = "halted";
-    return D_RETURN;
-  }
   if (s->enabled && s->in_fd >= 0) serial_poll_input(vm, s);
   if (s->enabled && (s->flush_wanted || s->out_len) &&
       serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
     return D_ERROR;
+  if (vm->has_irqchip && halted_for_good(rs)) {
+    rs->why = "halted";
+    return D_RETURN;
+  }
   return D_CONTINUE;
 }
 

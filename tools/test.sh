@@ -20,6 +20,19 @@ cd "$(dirname "$0")/.."
 LUA=${LUA:-lua5.4}
 NESTED_TIMEOUT=${LUAKVM_NESTED_TIMEOUT:-2700}
 
+# counted LOG CMD...: run CMD, stream its output and keep it in LOG; rc is its
+# status, p and f the counts of its last "N passed, N failed" line (f at least 1
+# when CMD failed)
+counted() {
+	log=$1; shift
+	{ "$@"; echo $? >"$log.rc"; } 2>&1 | tee "$log"
+	rc=$(cat "$log.rc")
+	line=$(tr -d '\r' <"$log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+	p=0 f=0
+	if [ -n "$line" ]; then p=${line%% passed*}; f=${line#*, }; f=${f%% failed}; fi
+	if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi
+}
+
 # --each: every spec file in a process of its own, here; one closing line
 if [ "${1:-}" = --each ]; then
 	shift
@@ -28,21 +41,16 @@ if [ "${1:-}" = --each ]; then
 		case $a in -*) opts="$opts $a" ;; *) files="$files $a" ;; esac
 	done
 	[ -n "$files" ] || files=$(ls spec/*/*_spec.lua)
-	p=0 f=0 st=0
+	out=$(mktemp)
+	tp=0 tf=0 st=0
 	for file in $files; do
-		out=$(mktemp)
 		# shellcheck disable=SC2086
-		{ "$LUA" spec/run.lua $opts "$file"; echo $? >"$out.rc"; } 2>&1 | tee "$out"
-		rc=$(cat "$out.rc")
-		line=$(tr -d '\r' <"$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
-		rm -f "$out" "$out.rc"
-		fp=0 ff=0
-		if [ -n "$line" ]; then fp=${line%% passed*}; ff=${line#*, }; ff=${ff%% failed}; fi
-		if [ "$rc" != 0 ] && [ "$ff" = 0 ]; then ff=1; echo "test.sh: $file: exit $rc"; fi
-		p=$((p + fp)) f=$((f + ff))
-		[ "$rc" = 0 ] || st=1
+		counted "$out" "$LUA" spec/run.lua $opts "$file"
+		[ "$rc" = 0 ] || { st=1; echo "test.sh: $file: exit $rc"; }
+		tp=$((tp + p)) tf=$((tf + f))
 	done
-	echo "$p passed, $f failed"
+	rm -f "$out" "$out.rc"
+	echo "$tp passed, $tf failed"
 	exit "$st"
 fi
 
@@ -64,18 +72,9 @@ passed=0 failed=0 status=0 parts=0
 part() {
 	name=$1; shift
 	parts=$((parts + 1))
-	log=$TMP/part$parts
 	t0=$(date +%s)
-	{ "$@"; echo $? >"$log.rc"; } 2>&1 | tee "$log"
-	rc=$(cat "$log.rc")
+	counted "$TMP/part$parts" "$@"
 	t1=$(date +%s)
-	line=$(tr -d '\r' <"$log" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
-	if [ -n "$line" ]; then
-		p=${line%% passed*}; f=${line#*, }; f=${f%% failed}
-	else
-		p=0 f=0
-	fi
-	if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi   # the part itself failed
 	passed=$((passed + p)) failed=$((failed + f))
 	[ "$rc" = 0 ] || status=1
 	summary="${summary:-}test.sh: $name: $p passed, $f failed, exit $rc, $((t1 - t0)) s

@@ -25,11 +25,6 @@ function cpuid.find(entries, func, index)
   end
 end
 
---- The 12-byte vendor-style signature of an entry (ebx, ecx, edx).
-function cpuid.signature(e)
-  return string.pack("<I4I4I4", e.ebx, e.ecx, e.edx)
-end
-
 --- CPUID entries for a guest vCPU.
 -- @tparam[opt] table o {apic_id = n (default 0), profile = a host profile whose
 --   `cpuid(entries)` runs before the hook, hook = function(entries) returning
