@@ -17,7 +17,7 @@ ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sa
 .PHONY: all test e2e check-memory bench kernel clean caps deps run doc lint
 
 # Debian 12 packages the build, the tests and the default kernel need
-DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make \
+DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make tmux \
            pkg-config lz4 cpio busybox-static gzip qemu-system-x86 acpica-tools \
            lua-check cppcheck clang-tidy clang libclang-rt-14-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

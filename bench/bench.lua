@@ -12,8 +12,9 @@
 --   4. kernel load: ELF vmlinux from file to guest memory vs a memcpy.
 --   5. memory: the VMM's resident memory beyond guest RAM, at "console [ttyS0]
 --      enabled" of a 128 MiB Linux boot, vs QEMU's (bench/boot.lua).
---   6. boot: spawn to "console [ttyS0] enabled" and to the first kernel
---      message, vs QEMU's (bench/boot.lua).
+--   6. boot: spawn to "console [ttyS0] enabled", to the first kernel
+--      message, to "Run /init" and to the shell's prompt, vs QEMU's
+--      (bench/boot.lua).
 --
 -- Environment: ROUNDS (rows 1-4, default 5), BOOT_ROUNDS (rows 5-6, default
 -- 3; 0 skips them), EXITS, LIFECYCLES, VMLINUX, BOOT_TIMEOUT, ONLY=boot
@@ -206,7 +207,7 @@ if BOOT_ROUNDS > 0 and have_kernel then
   io.stderr:write("\r\27[2K")
   local samples, cmdline = {}, res.cmdline
   for _, who in ipairs{ "ours", "qemu" } do
-    local s = { own = {}, anon = {}, console = {}, first = {}, init = {} }
+    local s = { own = {}, anon = {}, console = {}, first = {}, init = {}, shell = {} }
     for r, b in ipairs(res[who]) do
       if b.console then
         s.console[#s.console + 1] = b.console
@@ -222,6 +223,7 @@ if BOOT_ROUNDS > 0 and have_kernel then
       end
       if b.first then s.first[#s.first + 1] = b.first end
       if b.init then s.init[#s.init + 1] = b.init end
+      if b.shell then s.shell[#s.shell + 1] = b.shell end
       if b.cmdline ~= cmdline then
         notes[#notes + 1] = ("%s round %d: the kernel's command line differs from the expected one: %s")
           :format(who, r, tostring(b.cmdline))
@@ -235,10 +237,11 @@ if BOOT_ROUNDS > 0 and have_kernel then
   row("6a boot to console enabled (s)", o.console, q.console, "<=1.0x", ratio_le(1.0))
   row("6b spawn to first kernel msg (s)", o.first, q.first)
   row("6c spawn to Run /init (s)", o.init, q.init, "<=1.0x", ratio_le(1.0))
+  row("6d spawn to shell prompt (s)", o.shell, q.shell, "<=1.0x", ratio_le(1.0))
   notes[#notes + 1] = ("rows 5-6: %d boots each, interleaved; reference: QEMU (%s), -M microvm -accel kvm, "
-    .. "same vmlinux, initramfs, command line and %d MiB; milestones \"%s\", \"%s\""):format(BOOT_ROUNDS,
+    .. "same vmlinux, initramfs, command line and %d MiB; milestones \"%s\", \"%s\", the prompt \"%s\""):format(BOOT_ROUNDS,
     (sh("qemu-system-x86_64 --version"):match("version ([%w.+~:-]+)") or "?"), boot.MEMORY_MIB, boot.MILESTONE,
-    boot.INIT)
+    boot.INIT, boot.PROMPT)
   for who, s in pairs(samples) do
     if #s.console < BOOT_ROUNDS then
       notes[#notes + 1] = ("%s reached the milestone in %d of %d boots"):format(who, #s.console, BOOT_ROUNDS)

@@ -9,7 +9,8 @@
 --   6. boot: spawn to "console [ttyS0] enabled" (goal: ratio <= 1.0x),
 --      spawn to the first kernel message (the VMM's own set-up cost; QEMU's
 --      includes its firmware), and spawn to "Run /init as init process" with
---      the same initramfs (`make kernel`'s busybox one).
+--      the same initramfs (`make kernel`'s busybox one), and spawn to the
+--      shell's prompt ("/ # ", busybox init's shell on the console).
 --
 -- Used by bench/bench.lua (`local boot = dofile "bench/boot.lua"`); runs from
 -- the top of the tree.
@@ -24,6 +25,7 @@ boot.MEMORY_MIB = 128
 boot.VMLINUX = os.getenv("VMLINUX") or "guest-kernel/vmlinux"
 boot.INITRD = os.getenv("INITRD") or "guest-kernel/initramfs.cpio.gz"
 boot.INIT = "Run /init as init process"
+boot.PROMPT = "/ # "
 boot.TIMEOUT = tonumber(os.getenv("BOOT_TIMEOUT") or "300")
 boot.OUT = "bench/out"
 
@@ -97,9 +99,10 @@ local function kill(pid)
   os.execute(("kill -KILL %s 2>/dev/null"):format(pid))
 end
 
---- One boot: spawn `cmd`, read its console to the milestone, take the memory
--- there, kill it. The console goes to bench/out/boot-NAME.log, stderr to .err.
--- @treturn table {first = s, console = s, init = s ("Run /init"), mem =
+--- One boot: spawn `cmd`, read its console to the shell's prompt, take the
+-- memory at the console milestone, kill it. The console goes to bench/out/boot-NAME.log, stderr to .err.
+-- @treturn table {first = s, console = s, init = s ("Run /init"), shell = s
+--   (the prompt), mem =
 --   boot.memory() at the console milestone, last = line, cmdline = the
 --   command line the kernel printed}
 --   (`console` nil and `stopped` = "exit 3 after 95 s" if the child stopped or
@@ -116,8 +119,9 @@ function boot.once(name, cmd)
   local tpid = p:read("l")
   local pid
   local r = { last = "" }
-  for line in p:lines() do
-    local t = kvm.now() - t0
+  -- read bytes, not lines: the prompt has no newline after it
+  local partial = ""
+  local function line_done(line, t)
     line = line:gsub("\r", "")
     log:write(("%9.3f %s\n"):format(t, line))
     if line ~= "" then r.last = line end
@@ -128,9 +132,22 @@ function boot.once(name, cmd)
       pid = child(tpid)
       r.mem = pid and boot.memory(pid)
     end
-    if line:find(boot.INIT, 1, true) then
-      r.init = t
-      break
+    if not r.init and line:find(boot.INIT, 1, true) then r.init = t end
+  end
+  while true do
+    local c = p:read(1)
+    if not c then break end
+    local t = kvm.now() - t0
+    if c == "\n" then
+      line_done(partial, t)
+      partial = ""
+    else
+      partial = partial .. c
+      if r.init and partial:sub(-#boot.PROMPT) == boot.PROMPT then
+        r.shell = t
+        line_done(partial, t)
+        break
+      end
     end
   end
   pid = pid or child(tpid)

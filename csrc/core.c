@@ -264,7 +264,10 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
-int kvm_stop_key;   /* address is kvm.STOP */
+/* kvm.STOP, kvm.POWEROFF, kvm.RESET: what a handler returns to end run()
+   with that reason (kvm_stop_reasons[i + 1]) */
+int kvm_stop_keys[3];
+const char *const kvm_stop_reasons[] = {"none", "stopped", "poweroff", "reset", NULL};
 
 static const luaL_Reg funcs[] = {
   {"api_version", l_api_version},
@@ -287,8 +290,11 @@ LUAKVM_EXPORT int luaopen_kvm_core(lua_State *L) {
   luaL_newlib(L, funcs);
   lua_pushcfunction(L, l_vm_new);
   lua_setfield(L, -2, "vm");
-  lua_pushlightuserdata(L, &kvm_stop_key);
-  lua_setfield(L, -2, "STOP");
+  for (int i = 0; i < 3; i++) {
+    static const char *const names[] = {"STOP", "POWEROFF", "RESET"};
+    lua_pushlightuserdata(L, &kvm_stop_keys[i]);
+    lua_setfield(L, -2, names[i]);
+  }
   lua_pushliteral(L, "0.1");
   lua_setfield(L, -2, "_VERSION");
   return 1;

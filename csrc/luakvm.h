@@ -173,7 +173,8 @@ void kvm_claim(lua_State *L, Vm *vm, int is_mmio, uint64_t first, uint64_t last,
 int kvm_checkcap(lua_State *L, int arg);
 const char *kvm_pushhex(lua_State *L, uint64_t v);     /* pushes "0x1f", returns it */
 void kvm_push_cpuid(lua_State *L, const struct kvm_cpuid_entry2 *e, int n);
-extern int kvm_stop_key;                                /* &kvm_stop_key is kvm.STOP */
+extern int kvm_stop_keys[3];            /* kvm.STOP, kvm.POWEROFF, kvm.RESET */
+extern const char *const kvm_stop_reasons[];  /* "none", then their run() reasons */
 int l_vm_new(lua_State *L);
 Memory *kvm_checkmemory(lua_State *L, int arg);
 

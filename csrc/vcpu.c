@@ -552,13 +552,16 @@ static int l_vcpu_translate(lua_State *L) {
   return 2;
 }
 
-/*** Make the current or next run() return with reason "stopped".
-Callable from a handler.
+/*** Make the current or next run() return with reason "stopped" (or the
+reason given: "poweroff" or "reset", as a device that turned the machine off
+or reset it would). Callable from a handler.
 @function vcpu:stop
+@tparam[opt="stopped"] string reason
 */
 static int l_vcpu_stop(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
-  c->stop = 1;
+  int why = luaL_checkoption(L, 2, "stopped", kvm_stop_reasons + 1) + 1;
+  if (why > c->stop) c->stop = why;
   if (c->run) c->run->immediate_exit = 1;
   return 0;
 }
@@ -697,7 +700,8 @@ static void run_cleanup(RunState *rs) {
 }
 
 /* call the Lua handler for one element; returns LUA_OK or an error status
-   (message on top). *stop set when it returned kvm.STOP. */
+   (message on top). *stop raised to 1, 2 or 3 when it returned kvm.STOP,
+   kvm.POWEROFF or kvm.RESET. */
 static int call_lua(lua_State *L, Vm *vm, Vcpu *c, Range *r, uint64_t addr, int is_write,
                     unsigned size, uint8_t *data, int *stop) {
   lua_rawgeti(L, S_TAB, r->ref);
@@ -723,8 +727,10 @@ static int call_lua(lua_State *L, Vm *vm, Vcpu *c, Range *r, uint64_t addr, int 
     return st;
   }
   int t = lua_type(L, -1);
-  if (t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == &kvm_stop_key) {
-    *stop = 1;
+  void *key = t == LUA_TLIGHTUSERDATA ? lua_touserdata(L, -1) : NULL;
+  if (key && key >= (void *)kvm_stop_keys && key < (void *)(kvm_stop_keys + 3)) {
+    int why = (int)((int *)key - kvm_stop_keys) + 1;
+    if (why > *stop) *stop = why;
     if (!is_write) memset(data, 0xff, size);
   } else if (!is_write) {
     if (t == LUA_TNIL) memset(data, 0xff, size);
@@ -836,7 +842,7 @@ static int dispatch_io(lua_State *L, RunState *rs) {
     /* kvm.STOP / cpu:stop(): every element of this exit is still
        dispatched (the instruction completes), then run() returns */
   }
-  if (stop) { rs->why = "stopped"; return D_RETURN; }
+  if (stop) { rs->why = kvm_stop_reasons[stop]; return D_RETURN; }
   return D_CONTINUE;
 }
 
@@ -861,7 +867,7 @@ static int dispatch_mmio(lua_State *L, RunState *rs) {
   } else if (!run->mmio.is_write) {
     memset(run->mmio.data, 0xff, len);
   }
-  if (stop) { rs->why = "stopped"; return D_RETURN; }
+  if (stop) { rs->why = kvm_stop_reasons[stop]; return D_RETURN; }
   return D_CONTINUE;
 }
 
@@ -969,7 +975,7 @@ static int l_vcpu_run(lua_State *L) {
   lua_pushcfunction(L, traceback);     /* S_MSGH */
   lua_pushliteral(L, "in");            /* S_IN */
   lua_pushliteral(L, "out");           /* S_OUT */
-  lua_pushlightuserdata(L, &kvm_stop_key);  /* S_STOP */
+  lua_pushlightuserdata(L, &kvm_stop_keys[0]);  /* S_STOP */
   luaL_checkstack(L, 16, "run loop");
   if (vm->port_hits == NULL) vm->port_hits = calloc(65536, sizeof(uint32_t));
 
@@ -996,7 +1002,7 @@ static int l_vcpu_run(lua_State *L) {
     if (rc < 0) {
       if (errno != EINTR && errno != EAGAIN) { kvm_errno = errno; break; }
       c->run->immediate_exit = 0;
-      if (c->stop) { c->stop = 0; rs.why = "stopped"; break; }
+      if (c->stop) { rs.why = kvm_stop_reasons[c->stop]; c->stop = 0; break; }
       if (tl_int) { rs.why = "intr"; break; }
       if (tl_tick) {
         outcome = run_tick(L, &rs);
@@ -1016,7 +1022,7 @@ static int l_vcpu_run(lua_State *L) {
     else if (reason == KVM_EXIT_INTR) outcome = D_CONTINUE;
     else outcome = D_RETURN;
     if (outcome != D_CONTINUE) break;
-    if (c->stop) { c->stop = 0; rs.why = "stopped"; outcome = D_RETURN; break; }
+    if (c->stop) { rs.why = kvm_stop_reasons[c->stop]; c->stop = 0; outcome = D_RETURN; break; }
     if (tl_int) { rs.why = "intr"; break; }
     if (rs.max_exits && nexits >= rs.max_exits) { rs.why = "max_exits"; break; }
     if (tl_tick && (outcome = run_tick(L, &rs)) != D_CONTINUE) break;

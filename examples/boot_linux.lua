@@ -10,6 +10,11 @@
 -- the VM and restores the terminal. --status prints, on stderr, the elapsed
 -- time and the last console line every few seconds.
 --
+-- Exit status: 0 the guest powered off (ACPI S5), 5 it halted for good (a
+-- poweroff without ACPI), 4 it reset (reboot), 124 timeout, 130 Ctrl-C,
+-- 3 a fatal exit (RIP, the code bytes there and the console's last lines
+-- are printed), 1 the set-up failed, 2 bad usage.
+--
 -- Expected output (Debian 6.1 cloud kernel, ELF vmlinux):
 --   [    0.000000] Linux version 6.1.0-... (debian-kernel@lists.debian.org) ...
 --   [    0.000000] Command line: console=ttyS0 earlyprintk=serial,ttyS0,115200 ...
@@ -60,16 +65,22 @@ while i <= #arg do
 end
 if not opts.kernel then usage("no kernel given") end
 
--- the console: straight to the terminal, remembering the last line for --status
+-- the console: straight to the terminal, remembering the last lines for
+-- --status and for the report of a fatal exit
 local start = os.time()
-local last_line = ""
+local last_line, last_lines, partial = "", {}, ""
 opts.output = function(bytes)
   io.stdout:write(bytes)
   io.stdout:flush()
-  if status then
-    local line = bytes:match("([^\r\n]*)[\r\n]*$")
-    if line and line ~= "" then last_line = line end
+  partial = partial .. bytes
+  for line in partial:gmatch("([^\r\n]*)\r?\n") do
+    if line ~= "" then
+      last_line = line
+      last_lines[#last_lines + 1] = line
+      if #last_lines > 10 then table.remove(last_lines, 1) end
+    end
   end
+  partial = partial:match("([^\n]*)$"):sub(-4096)
 end
 -- keyboard input goes to the guest when stdin is a terminal or a pipe
 opts.input = io.stdin
@@ -91,20 +102,46 @@ local e = linux.run(ctx, { timeout = opts.timeout, every = status and 5 or nil,
 
 local elapsed = os.time() - start
 io.stdout:flush()
-if e.reason == "internal_error" then
-  io.stderr:write(string.format("\r\nboot_linux: the guest stopped after %ds: %s\n", elapsed, tostring(e)))
-  io.stderr:write("boot_linux: the host could not emulate this instruction; see kvm.hostprofile\n")
-  os.exit(3)
-elseif e.reason == "intr" then
-  io.stderr:write(string.format("\r\nboot_linux: interrupted after %ds\n", elapsed))
-elseif e.reason == "timeout" then
-  io.stderr:write(string.format("\r\nboot_linux: timeout after %ds\n", elapsed))
-elseif e.reason == "stopped" and ctx.power.state == "poweroff" then
-  io.stderr:write(string.format("\r\nboot_linux: the guest powered off after %ds\n", elapsed))
+local function say(fmt, ...)
+  io.stderr:write("\r\nboot_linux: ", string.format(fmt, ...), "\n")
+end
+
+-- a fatal exit: where the guest was, the bytes it stopped on, what it last said
+local function report_fatal()
+  local ok, r = pcall(ctx.cpu.regs, ctx.cpu)
+  if ok and r then
+    local code = "?"
+    local gpa = ctx.cpu:translate(r.rip)
+    local okr, bytes = pcall(ctx.vm.read, ctx.vm, gpa or r.rip, 16)
+    if gpa and okr then code = bytes:gsub(".", function(c) return string.format("%02x ", c:byte()) end) end
+    io.stderr:write(string.format("boot_linux: RIP 0x%016x RSP 0x%016x RFLAGS 0x%x\n", r.rip, r.rsp, r.rflags))
+    io.stderr:write("boot_linux: code at RIP: ", code, "\n")
+  end
+  io.stderr:write("boot_linux: the console's last lines:\n")
+  for _, line in ipairs(last_lines) do io.stderr:write("  | ", line, "\n") end
+end
+
+-- the exit status says how the run ended
+local status_of = { poweroff = 0, halted = 5, reset = 4, timeout = 124, intr = 130 }
+local code = status_of[e.reason]
+if e.reason == "poweroff" then
+  say("the guest powered off after %ds", elapsed)
 elseif e.reason == "halted" then
   -- poweroff or halt without ACPI: the kernel stops with interrupts off
-  io.stderr:write(string.format("\r\nboot_linux: the guest halted after %ds\n", elapsed))
+  say("the guest halted after %ds", elapsed)
+elseif e.reason == "reset" then
+  say("the guest reset itself after %ds (reboot)", elapsed)
+elseif e.reason == "intr" then
+  say("interrupted after %ds", elapsed)
+elseif e.reason == "timeout" then
+  say("timeout after %ds", elapsed)
 else
-  io.stderr:write(string.format("\r\nboot_linux: VM stopped after %ds: %s\n", elapsed, tostring(e)))
+  code = 3
+  say("the guest stopped after %ds: %s", elapsed, tostring(e))
+  if e.reason == "internal_error" then
+    io.stderr:write("boot_linux: the host could not emulate this instruction; see kvm.hostprofile\n")
+  end
+  report_fatal()
 end
 ctx.vm:close()
+os.exit(code)

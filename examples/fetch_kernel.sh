@@ -6,7 +6,9 @@
 # Produces, in OUTDIR (default guest-kernel/):
 #   bzImage            Debian's cloud kernel (linux-image-cloud-amd64), as shipped in /boot
 #   vmlinux            the ELF kernel decompressed from the bzImage's LZ4 payload
-#   initramfs.cpio.gz  busybox-static + an /init that prints LUAKVM-INIT-OK and runs a shell
+#   initramfs.cpio.gz  busybox-static + an /init that prints LUAKVM-INIT-OK and starts
+#                      busybox init, which runs a shell on the console and on `poweroff`
+#                      or `reboot` ends the system the way a distribution's init does
 #
 # Needs Debian (apt-get, dpkg-deb) on amd64. Installs lz4, busybox-static, cpio, gzip and
 # binutils when missing (as root, or through sudo). A second run with all three files
@@ -18,6 +20,10 @@ OUTDIR=${OUTDIR%/}
 BZIMAGE=$OUTDIR/bzImage
 VMLINUX=$OUTDIR/vmlinux
 INITRAMFS=$OUTDIR/initramfs.cpio.gz
+# the initramfs's contents: bump when /init or /etc/inittab below change, and
+# a second run rebuilds the initramfs (and only it)
+INITRAMFS_VERSION=2
+INITRAMFS_STAMP=$OUTDIR/.initramfs-version
 META_PKG=linux-image-cloud-amd64
 LZ4_MAGIC='\x02\x21\x4c\x18'     # LZ4 legacy frame, as the kernel's "lz4 -l" writes it
 
@@ -77,6 +83,10 @@ is_elf_x86_64() {
 # ---------------------------------------------------------------- step 0: already done?
 
 have_all=1
+if [ -s "$INITRAMFS" ] && [ "$(cat "$INITRAMFS_STAMP" 2>/dev/null)" != "$INITRAMFS_VERSION" ]; then
+	say "$INITRAMFS is from an older fetch_kernel.sh: building it again"
+	rm -f "$INITRAMFS"
+fi
 for f in "$BZIMAGE" "$VMLINUX" "$INITRAMFS"; do [ -s "$f" ] || have_all=0; done
 
 report() {
@@ -254,7 +264,7 @@ else
 	for a in $("$BUSYBOX" --list); do
 		[ "$a" = busybox ] || [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"
 	done
-	for a in sh mount echo cat ls uname poweroff setsid cttyhack; do
+	for a in sh mount echo cat ls uname poweroff reboot init setsid cttyhack; do
 		[ -e "$R/bin/$a" ] || die "busybox has no '$a' applet"
 	done
 	if [ "$(id -u)" -eq 0 ]; then
@@ -275,16 +285,21 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
 [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 echo LUAKVM-INIT-OK
 uname -r
-if command -v setsid >/dev/null && command -v cttyhack >/dev/null; then
-	exec setsid cttyhack sh
-fi
-exec sh
+# busybox init as PID 1 (/etc/inittab): a shell on the console, started again
+# when it exits; poweroff, reboot and halt signal it and it ends the system
+exec /bin/init
+EOF
+	cat >"$R/etc/inittab" <<'EOF'
+::respawn:/bin/cttyhack /bin/sh
+::ctrlaltdel:/bin/reboot
+::shutdown:/bin/sync
 EOF
 	chmod 0755 "$R/init"
 
 	(cd "$R" && find . | sort | cpio -o -H newc -R 0:0 --quiet) | gzip -9 -n >"$INITRAMFS.tmp" ||
 		die "packing $INITRAMFS failed"
 	mv "$INITRAMFS.tmp" "$INITRAMFS"
+	echo "$INITRAMFS_VERSION" >"$INITRAMFS_STAMP"
 	say "$INITRAMFS built"
 fi
 

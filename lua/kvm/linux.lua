@@ -157,7 +157,7 @@ end
 -- guest memory.
 -- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820=, cmdline=, entry=, kind=, profile=,
 --   acpi = kvm.acpi.build's result (nil with acpi = false), power = {state = "poweroff" once
---   the guest entered S5: run() then returned "stopped"}}
+--   the guest entered S5: run() then returned "poweroff"}}
 -- @return[2] nil, message (a bad file, a layout that does not fit, KVM failing)
 function linux.setup(opts)
   if type(opts) ~= "table" then error("linux.setup: options table expected", 2) end
@@ -330,9 +330,9 @@ function linux.setup(opts)
   vm:legacy_ports()
   local power = {}
   if built then
-    -- PM1a: S5 ends the run ("stopped", ctx.power = "poweroff")
+    -- PM1a: S5 ends the run with "poweroff" (and ctx.power.state = "poweroff")
     pm.attach(vm, { evt = built.pm1a_evt, cnt = built.pm1a_cnt, on_sleep = function(typ)
-      if typ == pm.S5 then power.state = "poweroff" return kvm.STOP end
+      if typ == pm.S5 then power.state = "poweroff" return kvm.POWEROFF end
     end })
   end
 

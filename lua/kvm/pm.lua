@@ -10,7 +10,7 @@
 --
 --     local pm = require "kvm.pm"
 --     pm.attach(vm, { evt = 0x600, cnt = 0x604, on_sleep = function(typ)
---       if typ == 5 then return kvm.STOP end   -- run() returns "stopped"
+--       if typ == 5 then return kvm.POWEROFF end   -- run() returns "poweroff"
 --     end })
 -- @module kvm.pm
 local pm = {}
@@ -23,7 +23,7 @@ pm.S5 = 5
 -- the blocks work byte by byte, as on a PC's I/O bus.
 -- @param vm a kvm.vm
 -- @tparam table o {evt = port (4 bytes), cnt = port (2 bytes), on_sleep = function(slp_typ, value)
---   whose result the port handler returns (kvm.STOP ends run())}
+--   whose result the port handler returns (kvm.POWEROFF ends run() with "poweroff")}
 -- @treturn table the registers {sts=, en=, cnt=, sleeps = {slp_typ, ...}}
 function pm.attach(vm, o)
   assert(math.type(o.evt) == "integer" and math.type(o.cnt) == "integer", "pm.attach: evt and cnt ports expected")
