@@ -239,7 +239,8 @@ if BOOT_ROUNDS > 0 and have_kernel then
   row("6c spawn to Run /init (s)", o.init, q.init, "<=1.0x", ratio_le(1.0))
   row("6d spawn to shell prompt (s)", o.shell, q.shell, "<=1.0x", ratio_le(1.0))
   notes[#notes + 1] = ("rows 5-6: %d boots each, interleaved; reference: QEMU (%s), -M microvm -accel kvm, "
-    .. "same vmlinux, initramfs, command line and %d MiB; milestones \"%s\", \"%s\", the prompt \"%s\""):format(BOOT_ROUNDS,
+    .. "same vmlinux, initramfs, command line and %d MiB; milestones \"%s\", \"%s\", the prompt \"%s\"")
+    :format(BOOT_ROUNDS,
     (sh("qemu-system-x86_64 --version"):match("version ([%w.+~:-]+)") or "?"), boot.MEMORY_MIB, boot.MILESTONE,
     boot.INIT, boot.PROMPT)
   for who, s in pairs(samples) do

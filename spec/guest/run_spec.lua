@@ -371,6 +371,33 @@ describe("run loop", function()
       assert.equal(5, n)
     end)
 
+    it("kvm.POWEROFF and kvm.RESET from a handler return 'poweroff' and 'reset'", function()
+      support.need_kvm()
+      for key, reason in pairs{ POWEROFF = "poweroff", RESET = "reset", STOP = "stopped" } do
+        local vm, cpu = guest(OUT2)
+        vm:on_io(0x10, function() return kvm[key] end)
+        local e = cpu:run()
+        assert.equal(reason, e.reason)
+        assert.equal(0x10, e.port)
+        vm:close()
+      end
+    end)
+
+    it("cpu:stop(reason): 'poweroff' and 'reset' as a device would end the run; others raise", function()
+      support.need_kvm()
+      local vm, cpu = guest(LOOP)
+      local n = 0
+      vm:on_io(0x10, function() n = n + 1; if n == 3 then cpu:stop("poweroff") end end)
+      assert.equal("poweroff", cpu:run{ timeout = 5 }.reason)
+      cpu:stop("reset")
+      assert.equal("reset", cpu:run{ timeout = 5 }.reason)
+      assert.has_error(function() cpu:stop("none") end)
+      assert.has_error(function() cpu:stop("halt") end)
+      -- the strongest request wins: a reset asked for after a stop
+      cpu:stop(); cpu:stop("reset"); cpu:stop()
+      assert.equal("reset", cpu:run{ timeout = 5 }.reason)
+    end)
+
     it("cpu:stop() before run() makes it return at once", function()
       support.need_kvm()
       local vm, cpu = guest(SPIN)
