@@ -119,14 +119,10 @@ FUZZERS       = elf bzimage exit
 
 fuzz-build: $(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit
 
-$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
+# each harness is linked with the whole core and uses its private header
+$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
 	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(SRCS) $(FUZZ_LIBS)
-
-# fuzz_exit #includes csrc/vcpu.c to reach the static dispatch functions
-$(FUZZ_DIR)/fuzz_exit: spec/fuzz/fuzz_exit.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
-	@mkdir -p $(FUZZ_DIR)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(filter-out csrc/vcpu.c,$(SRCS)) $(FUZZ_LIBS)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -Icsrc -o $@ $< $(SRCS) $(FUZZ_LIBS)
 
 # built here, run on this machine's KVM or nested under QEMU (tools/nested.sh)
 fuzz: fuzz-build

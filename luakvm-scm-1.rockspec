@@ -24,8 +24,11 @@ build = {
   type = "builtin",
   modules = {
     ["kvm.core"] = {
-      sources = { "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/exit.c",
-                  "csrc/serial.c", "csrc/legacy.c", "csrc/elf.c", "csrc/sandbox.c" },
+      -- core, then the VM, then memory, vCPU, run loop and bus, then the devices
+      sources = { "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/run.c",
+                  "csrc/exit.c", "csrc/bus.c", "csrc/sink.c", "csrc/uart.c", "csrc/legacy.c",
+                  "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
+                  "csrc/elf.c", "csrc/sandbox.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },
       libdirs = { "$(LIBELF_LIBDIR)" },

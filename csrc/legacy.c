@@ -6,18 +6,55 @@
 **   0x80        POST codes, kept as boot markers with a timestamp
 **   0xcf8-0xcff PCI configuration mechanism 1 with no devices, and the
 **               0xcf9 reset control register
-** legacy_io returns 1 when the guest asks for a reset (i8042 pulse of the
-** reset line, output port bit 0 cleared, or 0xcf9 bit 2).
+** One device on the bus over all these ranges; an access that asks for a
+** reset (i8042 pulse of the reset line, output port bit 0 cleared, or 0xcf9
+** bit 2) ends run() with reason "reset".
 */
 
 /*** vm:legacy_ports and vm:boot_markers, below, are methods of kvm.vm.
 @classmod kvm.vm
 */
+#include <stdio.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <time.h>
 
 #include "luakvm.h"
+
+#define LEGACY_I8042  0x01
+#define LEGACY_PCI    0x02
+#define LEGACY_CMOS   0x04
+#define LEGACY_POST   0x08
+#define LEGACY_PORT61 0x10
+#define LEGACY_KBDQ   8          /* i8042 output queue */
+#define MAX_MARKERS   256
+
+typedef struct Marker { uint8_t code; uint64_t ns; } Marker;
+
+typedef struct Legacy {
+  Device dev;
+  unsigned parts;                /* LEGACY_* claimed by vm:legacy_ports */
+  uint8_t port61;
+  uint8_t i8042_cmd;             /* command waiting for its data byte, or 0 */
+  uint8_t i8042_status;          /* status flags besides OBF/AUXDATA/TIMEOUT */
+  uint8_t i8042_out;             /* last byte read from port 0x60 */
+  uint8_t i8042_ctr;             /* controller command byte */
+  uint8_t i8042_outport;         /* output port (bit 0: reset, bit 1: A20) */
+  uint8_t kbdq[LEGACY_KBDQ];     /* pending output bytes ... */
+  uint8_t kbdq_flags[LEGACY_KBDQ]; /* ... 1: from the aux port, 2: timeout */
+  int kbdq_head, kbdq_count;
+  int irq1_level, irq12_level;
+  uint8_t cmos_index;
+  uint8_t cmos_nmi_masked;
+  uint8_t cmos_ram[128];
+  int64_t rtc_offset;            /* guest clock minus host clock, seconds */
+  uint32_t pci_addr;
+  uint8_t pci_rcr;               /* 0xcf9 reset control register */
+  uint8_t post_last;
+  Marker markers[MAX_MARKERS];
+  int nmarkers;
+  uint64_t markers_dropped;
+  int reset_requested;
+} Legacy;
 
 /* i8042 status bits */
 #define KBD_OBF     0x01
@@ -51,7 +88,7 @@
 #define B_BINARY    0x04
 #define B_24H       0x02
 
-void legacy_reset(Legacy *lg) {
+static void legacy_reset(Legacy *lg) {
   lg->port61 = 0;
   lg->i8042_cmd = 0;
   lg->i8042_status = KBD_SYS | KBD_UNLOCK;   /* as left by a BIOS after POST */
@@ -75,30 +112,25 @@ void legacy_reset(Legacy *lg) {
 
 /* ---- i8042 ---- */
 
-static void set_line(Vm *vm, int irq, int *cur, int level) {
-  if (level == *cur || !vm->has_irqchip || vm->fd < 0) return;
-  struct kvm_irq_level il;
-  memset(&il, 0, sizeof il);
-  il.irq = (uint32_t)irq;
-  il.level = (uint32_t)level;
-  if (ioctl(vm->fd, KVM_IRQ_LINE, &il) == 0) *cur = level;
+static void set_line(Legacy *lg, int irq, int *cur, int level) {
+  if (level != *cur && kvm_irq_line(lg->dev.vm, irq, level) == 0) *cur = level;
 }
 
 /* IRQ 1 / 12 follow the output buffer, as the command byte allows */
-static void kbd_update_irq(Vm *vm, Legacy *lg) {
+static void kbd_update_irq(Legacy *lg) {
   int full = lg->kbdq_count > 0;
   int aux = full && (lg->kbdq_flags[lg->kbdq_head] & Q_AUX);
-  set_line(vm, 1, &lg->irq1_level, full && !aux && (lg->i8042_ctr & CTR_KBDINT));
-  set_line(vm, 12, &lg->irq12_level, aux && (lg->i8042_ctr & CTR_AUXINT));
+  set_line(lg, 1, &lg->irq1_level, full && !aux && (lg->i8042_ctr & CTR_KBDINT));
+  set_line(lg, 12, &lg->irq12_level, aux && (lg->i8042_ctr & CTR_AUXINT));
 }
 
-static void kbd_queue(Vm *vm, Legacy *lg, uint8_t v, uint8_t flags) {
+static void kbd_queue(Legacy *lg, uint8_t v, uint8_t flags) {
   if (lg->kbdq_count >= LEGACY_KBDQ) return;   /* the guest is not reading: drop */
   int i = (lg->kbdq_head + lg->kbdq_count) % LEGACY_KBDQ;
   lg->kbdq[i] = v;
   lg->kbdq_flags[i] = flags;
   lg->kbdq_count++;
-  kbd_update_irq(vm, lg);
+  kbd_update_irq(lg);
 }
 
 static uint8_t kbd_status(const Legacy *lg) {
@@ -112,71 +144,71 @@ static uint8_t kbd_status(const Legacy *lg) {
   return st;
 }
 
-static uint8_t kbd_read_data(Vm *vm, Legacy *lg) {
+static uint8_t kbd_read_data(Legacy *lg) {
   if (lg->kbdq_count > 0) {
     lg->i8042_out = lg->kbdq[lg->kbdq_head];
     lg->kbdq_head = (lg->kbdq_head + 1) % LEGACY_KBDQ;
     lg->kbdq_count--;
     /* the next byte is a new interrupt: drop the lines for an edge */
-    set_line(vm, 1, &lg->irq1_level, 0);
-    set_line(vm, 12, &lg->irq12_level, 0);
-    kbd_update_irq(vm, lg);
+    set_line(lg, 1, &lg->irq1_level, 0);
+    set_line(lg, 12, &lg->irq12_level, 0);
+    kbd_update_irq(lg);
   }
   return lg->i8042_out;
 }
 
 /* a controller command on port 0x64; 1 for a reset */
-static int kbd_command(Vm *vm, Legacy *lg, uint8_t cmd) {
+static int kbd_command(Legacy *lg, uint8_t cmd) {
   if (cmd >= 0xf0) {                 /* pulse output port bits 3-0 low where cmd has 0 */
     if (!(cmd & 0x01)) { lg->reset_requested = 1; return 1; }
     return 0;
   }
-  if (cmd == 0x20) { kbd_queue(vm, lg, lg->i8042_ctr, 0); return 0; }
-  if (cmd > 0x20 && cmd < 0x40) { kbd_queue(vm, lg, 0, 0); return 0; }  /* controller RAM */
+  if (cmd == 0x20) { kbd_queue(lg, lg->i8042_ctr, 0); return 0; }
+  if (cmd > 0x20 && cmd < 0x40) { kbd_queue(lg, 0, 0); return 0; }  /* controller RAM */
   if (cmd >= 0x60 && cmd < 0x80) { lg->i8042_cmd = cmd; return 0; }
   switch (cmd) {
   case 0xa7: lg->i8042_ctr |= CTR_AUXDIS; break;
   case 0xa8: lg->i8042_ctr &= (uint8_t)~CTR_AUXDIS; break;
-  case 0xa9: kbd_queue(vm, lg, 0x00, 0); break;      /* aux interface test: ok */
+  case 0xa9: kbd_queue(lg, 0x00, 0); break;      /* aux interface test: ok */
   case 0xaa:                                        /* self test */
     lg->i8042_status |= KBD_SYS;
-    kbd_queue(vm, lg, 0x55, 0);
+    kbd_queue(lg, 0x55, 0);
     break;
-  case 0xab: kbd_queue(vm, lg, 0x00, 0); break;      /* keyboard interface test: ok */
+  case 0xab: kbd_queue(lg, 0x00, 0); break;      /* keyboard interface test: ok */
   case 0xad: lg->i8042_ctr |= CTR_KBDDIS; break;
   case 0xae: lg->i8042_ctr &= (uint8_t)~CTR_KBDDIS; break;
-  case 0xc0: kbd_queue(vm, lg, 0x80, 0); break;      /* input port: not inhibited */
-  case 0xd0: kbd_queue(vm, lg, lg->i8042_outport, 0); break;
+  case 0xc0: kbd_queue(lg, 0x80, 0); break;      /* input port: not inhibited */
+  case 0xd0: kbd_queue(lg, lg->i8042_outport, 0); break;
   case 0xd1: case 0xd2: case 0xd3: case 0xd4:
     lg->i8042_cmd = cmd;                            /* data byte follows on 0x60 */
     break;
   case 0xdd: lg->i8042_outport &= (uint8_t)~0x02; break;
   case 0xdf: lg->i8042_outport |= 0x02; break;
-  case 0xe0: kbd_queue(vm, lg, 0x00, 0); break;      /* test inputs */
+  case 0xe0: kbd_queue(lg, 0x00, 0); break;      /* test inputs */
   default: break;                                   /* ignored */
   }
-  kbd_update_irq(vm, lg);
+  kbd_update_irq(lg);
   return 0;
 }
 
 /* a byte written to port 0x60; 1 for a reset */
-static int kbd_write_data(Vm *vm, Legacy *lg, uint8_t v) {
+static int kbd_write_data(Legacy *lg, uint8_t v) {
   uint8_t cmd = lg->i8042_cmd;
   lg->i8042_cmd = 0;
   switch (cmd) {
-  case 0x60: lg->i8042_ctr = v; kbd_update_irq(vm, lg); return 0;
+  case 0x60: lg->i8042_ctr = v; kbd_update_irq(lg); return 0;
   case 0xd1:
     lg->i8042_outport = v;
     if (!(v & 0x01)) { lg->reset_requested = 1; return 1; }
     return 0;
-  case 0xd2: kbd_queue(vm, lg, v, 0); return 0;        /* as if the keyboard sent it */
-  case 0xd3: kbd_queue(vm, lg, v, Q_AUX); return 0;    /* as if the mouse sent it */
+  case 0xd2: kbd_queue(lg, v, 0); return 0;        /* as if the keyboard sent it */
+  case 0xd3: kbd_queue(lg, v, Q_AUX); return 0;    /* as if the mouse sent it */
   case 0xd4:                                          /* to the mouse: none there */
-    kbd_queue(vm, lg, 0xfe, Q_AUX | Q_TIMEOUT);
+    kbd_queue(lg, 0xfe, Q_AUX | Q_TIMEOUT);
     return 0;
   default:
     if (cmd >= 0x61 && cmd < 0x80) return 0;          /* controller RAM: dropped */
-    kbd_queue(vm, lg, 0xfe, Q_TIMEOUT);               /* to the keyboard: none there */
+    kbd_queue(lg, 0xfe, Q_TIMEOUT);               /* to the keyboard: none there */
     return 0;
   }
 }
@@ -269,17 +301,17 @@ static void cmos_write(Legacy *lg, uint8_t v) {
 /* ---- dispatch ---- */
 
 /* one byte at a byte-wide port; 1 for a reset */
-static int byte_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, uint8_t *v) {
+static int byte_io(Legacy *lg, uint16_t port, int is_write, uint8_t *v) {
   unsigned parts = lg->parts;
   switch (port) {
   case 0x60:
     if (!(parts & LEGACY_I8042)) break;
-    if (is_write) return kbd_write_data(vm, lg, *v);
-    *v = kbd_read_data(vm, lg);
+    if (is_write) return kbd_write_data(lg, *v);
+    *v = kbd_read_data(lg);
     return 0;
   case 0x64:
     if (!(parts & LEGACY_I8042)) break;
-    if (is_write) return kbd_command(vm, lg, *v);
+    if (is_write) return kbd_command(lg, *v);
     *v = kbd_status(lg);
     return 0;
   case 0x61:
@@ -309,10 +341,10 @@ static int byte_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, uint8_t *v) 
     if (!(parts & LEGACY_POST)) break;
     if (is_write) {
       lg->post_last = *v;
-      if (vm->nmarkers < MAX_MARKERS) {
-        vm->markers[vm->nmarkers].code = *v;
-        vm->markers[vm->nmarkers].ns = kvm_now_ns() - vm->created_ns;
-        vm->nmarkers++;
+      if (lg->nmarkers < MAX_MARKERS) {
+        lg->markers[lg->nmarkers].code = *v;
+        lg->markers[lg->nmarkers].ns = kvm_now_ns() - lg->dev.vm->created_ns;
+        lg->nmarkers++;
       } else {
         lg->markers_dropped++;
       }
@@ -347,21 +379,28 @@ static int pci_io(Legacy *lg, uint16_t port, int is_write, unsigned size, uint8_
   return 0;
 }
 
-/* returns 0 normally, 1 when the guest asked for a reset */
-int legacy_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, unsigned size, uint8_t *data) {
-  if (size != 1 && size != 2 && size != 4) {
-    if (!is_write) memset(data, 0xff, size > 8 ? 8 : size);
-    return 0;
-  }
-  if (port >= 0xcf8 && port <= 0xcff) {
-    if (!(lg->parts & LEGACY_PCI)) { if (!is_write) memset(data, 0xff, size); return 0; }
-    return pci_io(lg, port, is_write, size, data);
-  }
+static int legacy_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
+                         uint8_t *data) {
+  Legacy *lg = (Legacy *)d;
+  uint16_t port = (uint16_t)addr;
   int reset = 0;
-  for (unsigned i = 0; i < size; i++)
-    reset |= byte_io(vm, lg, (uint16_t)(port + i), is_write, &data[i]);
-  return reset;
+  if (size != 1 && size != 2 && size != 4) {
+    if (!is_write) memset(data, 0xff, size);
+  } else if (port >= 0xcf8 && port <= 0xcff) {
+    reset = pci_io(lg, port, is_write, size, data);
+  } else {
+    for (unsigned i = 0; i < size; i++)
+      reset |= byte_io(lg, (uint16_t)(port + i), is_write, &data[i]);
+  }
+  if (!reset) return BUS_OK;
+  bc->why = "reset";
+  return BUS_STOP;
 }
+
+static const DeviceOps legacy_ops = {
+  .kind = "legacy",
+  .access = legacy_access,
+};
 
 /* ---- Lua ---- */
 
@@ -374,6 +413,29 @@ static const struct { const char *name; unsigned part; uint16_t first, last; } c
   {"pci", LEGACY_PCI, 0xcf8, 0xcff},
 };
 #define NCLAIMS (sizeof claims / sizeof claims[0])
+
+/* the parts wanted: all, less those given false in the table at 2 */
+static unsigned parts_arg(lua_State *L) {
+  unsigned want = LEGACY_I8042 | LEGACY_PCI | LEGACY_CMOS | LEGACY_POST | LEGACY_PORT61;
+  lua_settop(L, 2);
+  if (lua_isnil(L, 2)) return want;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+    unsigned part = 0;
+    for (size_t i = 0; k && i < NCLAIMS; i++)
+      if (strcmp(k, claims[i].name) == 0) part = claims[i].part;
+    if (part == 0)
+      luaL_error(L, "vm:legacy_ports: unknown part '%s' (i8042, pci, cmos, post, port61)",
+                 luaL_tolstring(L, -2, NULL));
+    if (!lua_isboolean(L, -1))
+      luaL_error(L, "vm:legacy_ports: '%s' must be a boolean, got %s", k, luaL_typename(L, -1));
+    if (lua_toboolean(L, -1)) want |= part; else want &= ~part;
+    lua_pop(L, 1);
+  }
+  return want;
+}
 
 /***
 Claim the legacy PC ports a Linux boot touches: `port61` (0x61, system
@@ -391,52 +453,25 @@ bit 2 resets). All are on by default; pass `name = false` to leave one out.
 */
 int l_vm_legacy_ports(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  Legacy *lg = &vm->legacy;
-  unsigned want = LEGACY_I8042 | LEGACY_PCI | LEGACY_CMOS | LEGACY_POST | LEGACY_PORT61;
-  lua_settop(L, 2);
-  if (!lua_isnil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, 2)) {
-      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-      unsigned part = 0;
-      for (size_t i = 0; k && i < NCLAIMS; i++)
-        if (strcmp(k, claims[i].name) == 0) part = claims[i].part;
-      if (part == 0)
-        return luaL_error(L, "vm:legacy_ports: unknown part '%s' (i8042, pci, cmos, post, port61)",
-                          luaL_tolstring(L, -2, NULL));
-      if (!lua_isboolean(L, -1))
-        return luaL_error(L, "vm:legacy_ports: '%s' must be a boolean, got %s", k,
-                          luaL_typename(L, -1));
-      if (lua_toboolean(L, -1)) want |= part; else want &= ~part;
-      lua_pop(L, 1);
-    }
-  }
-  if (lg->enabled) return luaL_error(L, "vm:legacy_ports: the legacy ports are already set up");
+  unsigned want = parts_arg(L);
+  if (kvm_device_find(vm, &legacy_ops))
+    return luaL_error(L, "vm:legacy_ports: the legacy ports are already set up");
   /* check every range before claiming any, so a failure claims nothing */
   int n = 0;
   for (size_t i = 0; i < NCLAIMS; i++) {
     if (!(want & claims[i].part)) continue;
+    char buf[128];
+    const char *clash = bus_clash(&vm->pio, 0, claims[i].first, claims[i].last, buf, sizeof buf);
+    if (clash) return luaL_error(L, "vm:legacy_ports: %s (%s)", clash, claims[i].name);
     n++;
-    for (int j = 0; j < vm->nio; j++) {
-      const Range *r = &vm->io[j];
-      if (claims[i].first <= r->last && r->first <= claims[i].last) {
-        char msg[128];   /* lua_pushfstring has no %x */
-        snprintf(msg, sizeof msg, "port 0x%x (%s) already claimed by 0x%llx-0x%llx",
-                 (unsigned)(claims[i].first > r->first ? claims[i].first : r->first),
-                 claims[i].name, (unsigned long long)r->first, (unsigned long long)r->last);
-        return luaL_error(L, "vm:legacy_ports: %s", msg);
-      }
-    }
   }
-  if (vm->nio + n > KVM_MAX_RANGES)
-    return luaL_error(L, "vm:legacy_ports: too many port ranges (at most %d)", KVM_MAX_RANGES);
-  for (size_t i = 0; i < NCLAIMS; i++)
-    if (want & claims[i].part)
-      kvm_claim(L, vm, 0, claims[i].first, claims[i].last, H_LEGACY, 0, lg);
+  if (vm->pio.n + n > BUS_MAX_RANGES)
+    return luaL_error(L, "vm:legacy_ports: too many port ranges (at most %d)", BUS_MAX_RANGES);
+  Legacy *lg = kvm_device_new(L, 1, sizeof(Legacy), &legacy_ops);
   legacy_reset(lg);
   lg->parts = want;
-  lg->enabled = 1;
+  for (size_t i = 0; i < NCLAIMS; i++)
+    if (want & claims[i].part) bus_claim(L, &vm->pio, 0, claims[i].first, claims[i].last, &lg->dev);
   lua_pushvalue(L, 1);
   return 1;
 }
@@ -450,18 +485,19 @@ the VM was created. At most 256 are kept; later ones are counted.
 */
 int l_vm_boot_markers(lua_State *L) {
   Vm *vm = (Vm *)luaL_checkudata(L, 1, VM_MT);   /* readable after close too */
-  int n = vm->nmarkers < MAX_MARKERS ? vm->nmarkers : MAX_MARKERS;
+  Legacy *lg = (Legacy *)kvm_device_find(vm, &legacy_ops);
+  int n = lg ? lg->nmarkers : 0;
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
     lua_createtable(L, 0, 3);
-    lua_pushinteger(L, vm->markers[i].code);
+    lua_pushinteger(L, lg->markers[i].code);
     lua_setfield(L, -2, "code");
-    lua_pushnumber(L, (lua_Number)vm->markers[i].ns / 1e9);
+    lua_pushnumber(L, (lua_Number)lg->markers[i].ns / 1e9);
     lua_setfield(L, -2, "seconds");
-    lua_pushinteger(L, (lua_Integer)vm->markers[i].ns);
+    lua_pushinteger(L, (lua_Integer)lg->markers[i].ns);
     lua_setfield(L, -2, "ns");
     lua_rawseti(L, -2, i + 1);
   }
-  lua_pushinteger(L, (lua_Integer)vm->legacy.markers_dropped);
+  lua_pushinteger(L, lg ? (lua_Integer)lg->markers_dropped : 0);
   return 2;
 }

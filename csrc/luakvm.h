@@ -9,11 +9,11 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdio.h>
-#include <termios.h>
 #include <linux/kvm.h>
 
 #include "lua.h"
 #include "lauxlib.h"
+#include "bus.h"
 
 #define VM_MT      "kvm.vm"
 #define MEMORY_MT  "kvm.memory"
@@ -21,119 +21,43 @@
 #define EXIT_MT    "kvm.exit"
 
 #define KVM_MAX_REGIONS   32     /* memory slots a VM may hold */
-#define KVM_MAX_RANGES    64     /* claimed port ranges / mmio ranges */
-
-/* what owns a port or MMIO range */
-enum { H_NONE = 0, H_LUA, H_SERIAL, H_LEGACY, H_DEBUGEXIT };
-
-typedef struct Range {
-  uint64_t first, last;          /* inclusive */
-  int kind;                      /* H_* */
-  int ref;                       /* H_LUA: index in the VM's handler table */
-  void *dev;                     /* device state for C devices */
-  uint64_t hits;                 /* accesses dispatched to this range */
-} Range;
+#define KVM_MAX_DEVICES   64     /* devices on its bus */
+#define KVM_MAX_VCPUS     256
 
 typedef struct Memory Memory;
-struct Vm;
 
-/* 16550A UART (serial.c) */
-#define SERIAL_OUTBUF 4096
-#define SERIAL_FIFO   16         /* a 16550A: Linux's size_fifo() must count 16 */
-typedef struct Serial {
-  int enabled;
-  uint16_t port;
-  int irq;
-  uint8_t ier, iir, fcr, lcr, mcr, lsr, msr, scr, dll, dlm;
-  uint8_t rbr;                   /* last byte read from the receiver */
-  int thri_pending;              /* THR-empty interrupt waiting for IIR read */
-  int irq_level;                 /* last level driven on the irq line */
-  uint8_t rx[SERIAL_FIFO];
-  int rx_head, rx_count;
-  uint8_t held[2 * SERIAL_FIFO]; /* typed bytes a FIFO reset took back, oldest first */
-  int held_len;
-  int lsr_polls;                 /* LSR reads in a row: a driver polling for input */
-  char out[SERIAL_OUTBUF];
-  size_t out_len;
-  uint64_t out_first_ns;         /* when the oldest unflushed byte was written */
-  int in_fd;                     /* -1: no input */
-  int in_eof;
-  luaL_Stream *in_stream;        /* the input FILE (pinned as "serial_in") */
-  int out_kind;                  /* 0 none, 1 FILE (luaL_Stream), 2 Lua function */
-  /* Lua-side objects (stream, function) live in the VM's uservalue table,
-     under the keys "serial_out" / "serial_in". */
-  int flush_wanted;               /* set by serial_io: newline or buffer full */
-  int tty_saved;                 /* saved_tios holds the input tty's modes */
-  struct termios saved_tios;
-  uint64_t tx_bytes, rx_bytes;
-  uint64_t tx_dropped, rx_overruns;
-} Serial;
-
-/* legacy PC ports (legacy.c) */
-#define LEGACY_I8042  0x01
-#define LEGACY_PCI    0x02
-#define LEGACY_CMOS   0x04
-#define LEGACY_POST   0x08
-#define LEGACY_PORT61 0x10
-#define LEGACY_KBDQ   8          /* i8042 output queue */
-typedef struct Legacy {
-  int enabled;
-  unsigned parts;                /* LEGACY_* claimed by vm:legacy_ports */
-  uint8_t port61;
-  uint8_t i8042_cmd;             /* command waiting for its data byte, or 0 */
-  uint8_t i8042_status;          /* status flags besides OBF/AUXDATA/TIMEOUT */
-  uint8_t i8042_out;             /* last byte read from port 0x60 */
-  uint8_t i8042_ctr;             /* controller command byte */
-  uint8_t i8042_outport;         /* output port (bit 0: reset, bit 1: A20) */
-  uint8_t kbdq[LEGACY_KBDQ];     /* pending output bytes ... */
-  uint8_t kbdq_flags[LEGACY_KBDQ]; /* ... 1: from the aux port, 2: timeout */
-  int kbdq_head, kbdq_count;
-  int irq1_level, irq12_level;
-  uint8_t cmos_index;
-  uint8_t cmos_nmi_masked;
-  uint8_t cmos_ram[128];
-  int64_t rtc_offset;            /* guest clock minus host clock, seconds */
-  uint32_t pci_addr;
-  uint8_t pci_rcr;               /* 0xcf9 reset control register */
-  uint8_t post_last;
-  uint64_t markers_dropped;
-  int reset_requested;
-} Legacy;
-
-#define MAX_MARKERS 256
-typedef struct Marker { uint8_t code; uint64_t ns; } Marker;
-
-typedef struct VmStats {
+/* what a vCPU counts; a VM's counters are its vCPUs' summed on demand
+   (vm:stats), plus what closed vCPUs left (Vm.retired) */
+typedef struct VcpuStats {
+  uint64_t exits;
   uint64_t exits_by_reason[64];
   uint64_t unclaimed_io, unclaimed_mmio;
-  uint64_t ns_in_run, ns_in_handlers;
-  uint64_t io_by_port_count[KVM_MAX_RANGES]; /* parallel to io ranges */
-} VmStats;
+  uint64_t ns_in_run;            /* inside run(), handlers included */
+  uint64_t ns_in_handlers;       /* Lua handlers: sampled, 1 call in HANDLER_SAMPLE */
+  uint64_t handler_calls;
+} VcpuStats;
 
 /*
 ** The VM userdata's uservalue 1 is a table holding the Lua objects the VM
-** keeps alive: [integer id] = Lua I/O and MMIO handler functions (Range.ref),
-** "memories" = table of Memory userdata, "serial_out" / "serial_in" = the
-** serial device's output (FILE handle or function) and input (FILE handle).
+** keeps alive: [integer ref] = its devices' userdata and what they keep (Lua
+** handler functions, a UART's output and input), "memories" = table of
+** Memory userdata.
 */
-typedef struct Vm {
+struct Vm {
   int fd;                        /* VM fd, -1 when closed */
   int kvm_fd;                    /* /dev/kvm */
   int run_size;                  /* KVM_GET_VCPU_MMAP_SIZE */
   Memory *regions[KVM_MAX_REGIONS];
-  Range io[KVM_MAX_RANGES];  int nio;     /* sorted by first */
-  Range mmio[KVM_MAX_RANGES]; int nmmio;  /* sorted by first */
+  Bus pio, mmio;                 /* the device bus (bus.h) */
+  Device *devs[KVM_MAX_DEVICES]; int ndevs;
+  Vcpu *vcpus[KVM_MAX_VCPUS];    /* open vCPUs, for the summed counters */
+  VcpuStats retired;             /* what closed vCPUs counted */
+  uint32_t *retired_ports;       /* and their port counters (65536), or NULL */
   int in_handler;                /* a Lua handler is running */
   int running;                   /* vcpus inside run() */
   int has_irqchip;
   uint64_t created_ns;
-  Serial serial;
-  Legacy legacy;
-  uint16_t debug_exit_port;
-  Marker markers[MAX_MARKERS]; int nmarkers;
-  VmStats stats;
-  uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */
-} Vm;
+};
 
 struct Memory {
   Vm *vm;                        /* valid while open; the VM is pinned by uservalue 1 */
@@ -143,18 +67,19 @@ struct Memory {
   int vm_closed;
 };
 
-typedef struct Vcpu {
+struct Vcpu {
   int fd;                        /* -1 when closed */
   int id;
   Vm *vm;                        /* pinned by uservalue 1 */
   struct kvm_run *run;
   size_t run_size;
+  int (*enter)(Vcpu *c);         /* KVM_RUN (a bench harness fakes it) */
   int running;
-  volatile int stop;
+  volatile int stop;             /* 0, or 1 + the index of kvm_stop_reasons */
   uint64_t seq;                  /* bumped on every KVM_RUN; exits remember it */
-  uint64_t exits, ns_in_run, ns_in_handlers;
-  uint64_t exits_by_reason[64];
-} Vcpu;
+  VcpuStats stats;
+  uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */
+};
 
 /* helpers (core.c) */
 uint64_t kvm_now_ns(void);
@@ -164,11 +89,6 @@ Vm *kvm_checkvm(lua_State *L, int arg);                 /* open VM or raise */
 Vcpu *kvm_checkvcpu(lua_State *L, int arg);
 /* host pointer for [gpa, gpa+len) when one region holds it all, else NULL */
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
-
-/* claim [first, last] of the port or MMIO space for a handler; raises
-   "port 0x25 already claimed by 0x20-0x2f" on overlap (vm.c) */
-void kvm_claim(lua_State *L, Vm *vm, int is_mmio, uint64_t first, uint64_t last,
-               int kind, int ref, void *dev);
 
 int kvm_checkcap(lua_State *L, int arg);
 const char *kvm_pushhex(lua_State *L, uint64_t v);     /* pushes "0x1f", returns it */
@@ -190,25 +110,26 @@ int  kvm_push_exit(lua_State *L, int vcpu_idx, Vcpu *c, const char *reason_overr
 uint8_t *kvm_io_data(const Vcpu *c, uint64_t *bytes);
 int  kvm_elf_load(lua_State *L);      /* elf.c: vm:load_elf(path) */
 
-/* serial.c */
-void serial_reset(Serial *s);
-void serial_io(Vm *vm, Serial *s, unsigned off, int is_write, uint8_t *val);
-int  serial_poll_input(Vm *vm, Serial *s);             /* 1 if bytes arrived */
-/* hand buffered output to the FILE or function; vm_idx: the VM userdata on the
-   stack; msgh: stack index of a message handler or 0. LUA_OK, or an error
-   status with the message on the stack top. Sets s->flush_wanted = 0. */
-int  serial_flush(lua_State *L, Vm *vm, int vm_idx, int msgh);
-int  l_vm_serial(lua_State *L);                      /* vm:serial{...} */
-void serial_begin_run(Serial *s);                     /* raw mode on a tty input */
-void serial_end_run(Serial *s);                       /* restore the terminal; idempotent */
-void serial_close(Serial *s);                         /* at vm close: restore, forget fds */
+/* the vm: methods the device files define (one line each in vm.c) */
+int  l_vm_serial(lua_State *L);                      /* uart.c */
+int  l_vm_legacy_ports(lua_State *L);                 /* legacy.c */
+int  l_vm_boot_markers(lua_State *L);                 /* legacy.c */
+int  l_vm_debug_exit(lua_State *L);                   /* debugexit.c */
+int  l_vm_debugcon(lua_State *L);                     /* debugcon.c */
+int  l_vm_power(lua_State *L);                        /* power.c */
+int  l_vm_on_io(lua_State *L);                        /* luadev.c */
+int  l_vm_on_mmio(lua_State *L);                      /* luadev.c */
 
-/* legacy.c */
-void legacy_reset(Legacy *lg);
-/* returns 0 normally, 1 when the guest asked for a reset */
-int  legacy_io(Vm *vm, Legacy *lg, uint16_t port, int is_write, unsigned size, uint8_t *data);
-int  l_vm_legacy_ports(lua_State *L);                 /* vm:legacy_ports{...} */
-int  l_vm_boot_markers(lua_State *L);                 /* vm:boot_markers() */
+/* run.c */
+int  kvm_enter(Vcpu *c);                              /* KVM_RUN */
+int  l_vcpu_run(lua_State *L);
+int  l_vcpu_stop(lua_State *L);
+/* vcpu.c: a vCPU's counters leave with it (added to vm->retired); the VM's
+   are summed on demand (*ports: 65536 counters to free, or NULL) */
+void kvm_vcpu_retire(Vcpu *c);
+void kvm_vm_stats(Vm *vm, VcpuStats *sum, uint32_t **ports);
+void kvm_push_by_reason(lua_State *L, const uint64_t by_reason[64]);
+const char *kvm_exit_name(uint32_t reason);           /* exit.c */
 
 /* sandbox.c */
 int  l_sandbox(lua_State *L);                         /* kvm.sandbox{allow=, action=} */

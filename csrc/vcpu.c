@@ -1,6 +1,7 @@
 /*
-** vcpu.c - kvm.vcpu: registers, CPUID, MSRs, events, and the run loop
-** with port/MMIO dispatch to C devices and Lua handlers.
+** vcpu.c - kvm.vcpu: the vCPU object and its state: registers, special
+** registers, CPUID, MSRs, events, FPU, address translation, counters. The
+** run loop is run.c.
 */
 
 /***
@@ -9,13 +10,10 @@ A virtual CPU, made by `vm:vcpu(id)`: registers, CPUID, MSRs, events, run().
 */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "luakvm.h"
@@ -41,6 +39,9 @@ int l_vm_vcpu(lua_State *L) {
   lua_Integer id = luaL_checkinteger(L, 2);
   luaL_argcheck(L, id >= 0, 2, "negative id");
   luaL_argcheck(L, id <= 4095, 2, "id too large");
+  int slot = 0;
+  while (slot < KVM_MAX_VCPUS && vm->vcpus[slot]) slot++;
+  if (slot == KVM_MAX_VCPUS) return luaL_error(L, "too many vCPUs (at most %d open)", KVM_MAX_VCPUS);
   Vcpu *c = lua_newuserdatauv(L, sizeof(Vcpu), 1);
   memset(c, 0, sizeof *c);
   c->fd = -1;
@@ -61,7 +62,46 @@ int l_vm_vcpu(lua_State *L) {
   c->vm = vm;
   c->run = run;
   c->run_size = (size_t)vm->run_size;
+  c->enter = kvm_enter;
+  vm->vcpus[slot] = c;
   return 1;
+}
+
+static void add_stats(VcpuStats *to, const VcpuStats *from) {
+  to->exits += from->exits;
+  for (int i = 0; i < 64; i++) to->exits_by_reason[i] += from->exits_by_reason[i];
+  to->unclaimed_io += from->unclaimed_io;
+  to->unclaimed_mmio += from->unclaimed_mmio;
+  to->ns_in_run += from->ns_in_run;
+  to->ns_in_handlers += from->ns_in_handlers;
+  to->handler_calls += from->handler_calls;
+}
+
+/* the VM's counters: what its closed vCPUs left, plus its open ones' */
+void kvm_vm_stats(Vm *vm, VcpuStats *sum, uint32_t **ports) {
+  *sum = vm->retired;
+  for (int i = 0; i < KVM_MAX_VCPUS; i++)
+    if (vm->vcpus[i]) add_stats(sum, &vm->vcpus[i]->stats);
+  *ports = NULL;
+  for (int i = -1; i < KVM_MAX_VCPUS; i++) {
+    uint32_t *p = i < 0 ? vm->retired_ports : vm->vcpus[i] ? vm->vcpus[i]->port_hits : NULL;
+    if (p == NULL) continue;
+    if (*ports == NULL && (*ports = calloc(65536, sizeof(uint32_t))) == NULL) return;
+    for (int k = 0; k < 65536; k++) (*ports)[k] += p[k];
+  }
+}
+
+void kvm_vcpu_retire(Vcpu *c) {
+  Vm *vm = c->vm;
+  for (int i = 0; i < KVM_MAX_VCPUS; i++)
+    if (vm->vcpus[i] == c) vm->vcpus[i] = NULL;
+  add_stats(&vm->retired, &c->stats);
+  if (c->port_hits) {
+    if (vm->retired_ports == NULL) vm->retired_ports = calloc(65536, sizeof(uint32_t));
+    for (int k = 0; vm->retired_ports && k < 65536; k++) vm->retired_ports[k] += c->port_hits[k];
+    free(c->port_hits);
+    c->port_hits = NULL;
+  }
 }
 
 static int l_vcpu_close(lua_State *L) {
@@ -72,6 +112,7 @@ static int l_vcpu_close(lua_State *L) {
   c->run = NULL;
   close(c->fd);
   c->fd = -1;
+  kvm_vcpu_retire(c);
   return 0;
 }
 
@@ -552,21 +593,6 @@ static int l_vcpu_translate(lua_State *L) {
   return 2;
 }
 
-/*** Make the current or next run() return with reason "stopped" (or the
-reason given: "poweroff" or "reset", as a device that turned the machine off
-or reset it would). Callable from a handler.
-@function vcpu:stop
-@tparam[opt="stopped"] string reason
-*/
-static int l_vcpu_stop(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
-  int why = luaL_checkoption(L, 2, "stopped", kvm_stop_reasons + 1) + 1;
-  if (why > c->stop) c->stop = why;
-  if (c->run) c->run->immediate_exit = 1;
-  return 0;
-}
-
-const char *kvm_exit_name(uint32_t reason);
 
 /*** Per-vCPU counters: {exits = n, by_reason = {hlt = n, ...}, run_seconds, handler_seconds}.
 @function vcpu:stats
@@ -574,484 +600,22 @@ const char *kvm_exit_name(uint32_t reason);
 static int l_vcpu_stats(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
   lua_createtable(L, 0, 4);
-  lua_pushinteger(L, (lua_Integer)c->exits); lua_setfield(L, -2, "exits");
+  lua_pushinteger(L, (lua_Integer)c->stats.exits); lua_setfield(L, -2, "exits");
+  kvm_push_by_reason(L, c->stats.exits_by_reason);
+  lua_setfield(L, -2, "by_reason");
+  lua_pushnumber(L, (double)c->stats.ns_in_run / 1e9); lua_setfield(L, -2, "run_seconds");
+  lua_pushnumber(L, (double)c->stats.ns_in_handlers / 1e9); lua_setfield(L, -2, "handler_seconds");
+  return 1;
+}
+
+/* {reason name = count} for the nonzero counts */
+void kvm_push_by_reason(lua_State *L, const uint64_t by_reason[64]) {
   lua_newtable(L);
   for (int i = 0; i < 64; i++)
-    if (c->exits_by_reason[i]) {
-      lua_pushinteger(L, (lua_Integer)c->exits_by_reason[i]);
+    if (by_reason[i]) {
+      lua_pushinteger(L, (lua_Integer)by_reason[i]);
       lua_setfield(L, -2, kvm_exit_name((uint32_t)i));
     }
-  lua_setfield(L, -2, "by_reason");
-  lua_pushnumber(L, (double)c->ns_in_run / 1e9); lua_setfield(L, -2, "run_seconds");
-  lua_pushnumber(L, (double)c->ns_in_handlers / 1e9); lua_setfield(L, -2, "handler_seconds");
-  return 1;
-}
-
-/* ================================================================ */
-/* the run loop                                                     */
-
-#define SIG_TICK (SIGRTMIN + 2)
-
-static __thread struct kvm_run *volatile tl_run;
-static __thread volatile sig_atomic_t tl_tick, tl_int;
-static int tick_installed;
-
-static void on_tick(int sig) {
-  (void)sig;
-  tl_tick = 1;
-  if (tl_run) tl_run->immediate_exit = 1;
-}
-
-static void on_int(int sig) {
-  (void)sig;
-  tl_int = 1;
-  if (tl_run) tl_run->immediate_exit = 1;
-}
-
-typedef struct RunState {
-  Vcpu *c;
-  Vm *vm;
-  int unclaimed_ignore;
-  uint64_t max_exits;
-  uint64_t deadline;        /* ns, 0 = none */
-  timer_t timer;
-  int has_timer;
-  struct sigaction old_int;
-  int int_installed;
-  const char *why;          /* synthetic reason when returning */
-  uint64_t halted_since;    /* ns: first tick that saw the vCPU halted for good */
-  uint64_t halted_rip;
-  int debug_code;
-} RunState;
-
-/* stack slots during run() */
-enum { S_VCPU = 1, S_VM = 3, S_TAB, S_MSGH, S_IN, S_OUT, S_STOP, S_TOP = S_STOP };
-
-static int traceback(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
-static int run_setup(lua_State *L, RunState *rs) {
-  if (!tick_installed) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_tick;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIG_TICK, &sa, NULL) < 0) return kvm_fail(L, "sigaction");
-    tick_installed = 1;
-  }
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_int;
-  sigemptyset(&sa.sa_mask);
-  if (sigaction(SIGINT, &sa, &rs->old_int) == 0) rs->int_installed = 1;
-  uint64_t period = 0;
-  if (rs->vm->serial.enabled && rs->vm->serial.in_fd >= 0) period = 10000000;   /* 10 ms */
-  else if (rs->vm->has_irqchip) period = 50000000;   /* 50 ms: halted for good? */
-  if (rs->deadline || period) {
-    struct sigevent sev;
-    memset(&sev, 0, sizeof sev);
-    sev.sigev_notify = SIGEV_THREAD_ID;
-    sev.sigev_signo = SIG_TICK;
-#ifdef sigev_notify_thread_id
-    sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
-#else
-    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
-#endif
-    if (timer_create(CLOCK_MONOTONIC, &sev, &rs->timer) < 0) return kvm_fail(L, "timer_create");
-    rs->has_timer = 1;
-    struct itimerspec its;
-    memset(&its, 0, sizeof its);
-    uint64_t first = period;
-    if (rs->deadline) {
-      uint64_t now = kvm_now_ns();
-      uint64_t left = rs->deadline > now ? rs->deadline - now : 1;
-      if (!first || left < first) first = left;
-    }
-    its.it_value.tv_sec = (time_t)(first / 1000000000u);
-    its.it_value.tv_nsec = (long)(first % 1000000000u);
-    its.it_interval.tv_sec = (time_t)(period / 1000000000u);
-    its.it_interval.tv_nsec = (long)(period % 1000000000u);
-    if (rs->deadline && period == 0) {
-      /* one shot at the deadline, then every 10 ms in case of a race */
-      its.it_interval.tv_nsec = 10000000;
-    }
-    timer_settime(rs->timer, 0, &its, NULL);
-  }
-  return 0;
-}
-
-static void run_cleanup(RunState *rs) {
-  if (rs->has_timer) { timer_delete(rs->timer); rs->has_timer = 0; }
-  if (rs->int_installed) { sigaction(SIGINT, &rs->old_int, NULL); rs->int_installed = 0; }
-  tl_run = NULL;
-  if (rs->c->run) rs->c->run->immediate_exit = 0;
-  serial_end_run(&rs->vm->serial);
-  rs->c->running = 0;
-  rs->vm->running--;
-}
-
-/* call the Lua handler for one element; returns LUA_OK or an error status
-   (message on top). *stop raised to 1, 2 or 3 when it returned kvm.STOP,
-   kvm.POWEROFF or kvm.RESET. */
-static int call_lua(lua_State *L, Vm *vm, Vcpu *c, Range *r, uint64_t addr, int is_write,
-                    unsigned size, uint8_t *data, int *stop) {
-  lua_rawgeti(L, S_TAB, r->ref);
-  lua_pushinteger(L, (lua_Integer)addr);
-  lua_pushvalue(L, is_write ? S_OUT : S_IN);
-  lua_pushinteger(L, size);
-  if (is_write) {
-    uint64_t v = 0;
-    memcpy(&v, data, size);
-    lua_pushinteger(L, (lua_Integer)v);
-  } else {
-    lua_pushnil(L);
-  }
-  uint64_t t0 = kvm_now_ns();
-  vm->in_handler++;
-  int st = lua_pcall(L, 4, 1, S_MSGH);
-  vm->in_handler--;
-  uint64_t dt = kvm_now_ns() - t0;
-  c->ns_in_handlers += dt;
-  vm->stats.ns_in_handlers += dt;
-  if (st != LUA_OK) {
-    if (!is_write) memset(data, 0xff, size);
-    return st;
-  }
-  int t = lua_type(L, -1);
-  void *key = t == LUA_TLIGHTUSERDATA ? lua_touserdata(L, -1) : NULL;
-  if (key && key >= (void *)kvm_stop_keys && key < (void *)(kvm_stop_keys + 3)) {
-    int why = (int)((int *)key - kvm_stop_keys) + 1;
-    if (why > *stop) *stop = why;
-    if (!is_write) memset(data, 0xff, size);
-  } else if (!is_write) {
-    if (t == LUA_TNIL) memset(data, 0xff, size);
-    else {
-      int ok;
-      lua_Integer v = lua_tointegerx(L, -1, &ok);
-      if (!ok || t != LUA_TNUMBER) {
-        memset(data, 0xff, size);
-        const char *tn = luaL_typename(L, -1);
-        lua_pushfstring(L, "handler for %s %s returned a %s (integer or nil expected)",
-                        r >= vm->mmio && r < vm->mmio + KVM_MAX_RANGES ? "address" : "port", kvm_pushhex(L, (uint64_t)(addr)), tn);
-        lua_replace(L, -3);
-        lua_pop(L, 1);
-        return LUA_ERRRUN;
-      }
-      memcpy(data, &v, size);
-    }
-  }
-  lua_pop(L, 1);
-  return LUA_OK;
-}
-
-static Range *find_range(Range *t, int n, uint64_t a) {
-  int lo = 0, hi = n - 1;
-  while (lo <= hi) {
-    int mid = (lo + hi) / 2;
-    if (a < t[mid].first) hi = mid - 1;
-    else if (a > t[mid].last) lo = mid + 1;
-    else return &t[mid];
-  }
-  return NULL;
-}
-
-/* result of dispatching one exit */
-enum { D_CONTINUE, D_RETURN, D_ERROR };
-
-static int dispatch_io(lua_State *L, RunState *rs) {
-  Vcpu *c = rs->c;
-  Vm *vm = rs->vm;
-  struct kvm_run *run = c->run;
-  unsigned size = run->io.size;
-  uint32_t count = run->io.count;
-  uint64_t bytes;
-  int is_write = run->io.direction == KVM_EXIT_IO_OUT;
-  uint16_t port = run->io.port;
-  /* untrusted: the data must lie inside the kvm_run mapping */
-  uint8_t *data = kvm_io_data(c, &bytes);
-  if (data == NULL) {
-    rs->why = "bad_io";
-    return D_RETURN;
-  }
-  if (vm->port_hits) vm->port_hits[port] += count;
-  Range *r = find_range(vm->io, vm->nio, port);
-  if (r == NULL) {
-    vm->stats.unclaimed_io++;
-    if (!is_write) memset(data, 0xff, bytes);   /* empty bus, unless the script replies */
-    return rs->unclaimed_ignore ? D_CONTINUE : D_RETURN;
-  }
-  r->hits += count;
-  int stop = 0;
-  for (uint32_t i = 0; i < count; i++, data += size) {
-    if (i > 0 && r->kind == H_LUA) {
-      /* a handler may have removed or replaced claims: look again */
-      r = find_range(vm->io, vm->nio, port);
-      if (r == NULL) {
-        if (!is_write) memset(data, 0xff, (size_t)(bytes - (uint64_t)i * size));
-        break;
-      }
-    }
-    switch (r->kind) {
-    case H_LUA: {
-      int st = call_lua(L, vm, c, r, port, is_write, size, data, &stop);
-      if (st != LUA_OK) {
-        if (!is_write) memset(data, 0xff, (size_t)(bytes - (uint64_t)i * size));
-        return D_ERROR;
-      }
-      break;
-    }
-    case H_SERIAL: {
-      Serial *s = &vm->serial;
-      for (unsigned j = 0; j < size; j++) {
-        unsigned reg = (unsigned)(port - s->port) + j;
-        if (reg < 8) serial_io(vm, s, reg, is_write, &data[j]);
-        else if (!is_write) data[j] = 0xff;
-      }
-      if (s->flush_wanted && serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) {
-        if (!is_write && i + 1 < count) memset(data + size, 0xff, (size_t)(bytes - (uint64_t)(i + 1) * size));
-        return D_ERROR;
-      }
-      break;
-    }
-    case H_LEGACY:
-      if (legacy_io(vm, &vm->legacy, port, is_write, size, data)) {
-        rs->why = "reset";
-        return D_RETURN;
-      }
-      break;
-    case H_DEBUGEXIT:
-      if (is_write) {
-        rs->why = "debug_exit";
-        rs->debug_code = data[0];
-        return D_RETURN;
-      }
-      memset(data, 0xff, size);
-      break;
-    default:
-      if (!is_write) memset(data, 0xff, size);
-    }
-    /* kvm.STOP / cpu:stop(): every element of this exit is still
-       dispatched (the instruction completes), then run() returns */
-  }
-  if (stop) { rs->why = kvm_stop_reasons[stop]; return D_RETURN; }
-  return D_CONTINUE;
-}
-
-static int dispatch_mmio(lua_State *L, RunState *rs) {
-  Vcpu *c = rs->c;
-  Vm *vm = rs->vm;
-  struct kvm_run *run = c->run;
-  unsigned len = run->mmio.len;
-  uint64_t addr = run->mmio.phys_addr;
-  if (len == 0 || len > 8) { rs->why = "bad_mmio"; return D_RETURN; }
-  Range *r = find_range(vm->mmio, vm->nmmio, addr);
-  if (r == NULL) {
-    vm->stats.unclaimed_mmio++;
-    if (!run->mmio.is_write) memset(run->mmio.data, 0xff, len);
-    return rs->unclaimed_ignore ? D_CONTINUE : D_RETURN;
-  }
-  r->hits++;
-  int stop = 0;
-  if (r->kind == H_LUA) {
-    if (call_lua(L, vm, c, r, addr, run->mmio.is_write, len, run->mmio.data, &stop) != LUA_OK)
-      return D_ERROR;
-  } else if (!run->mmio.is_write) {
-    memset(run->mmio.data, 0xff, len);
-  }
-  if (stop) { rs->why = kvm_stop_reasons[stop]; return D_RETURN; }
-  return D_CONTINUE;
-}
-
-/* Halted for good: with the in-kernel irqchip, HLT does not exit; a vCPU
-   KVM holds halted (KVM_GET_MP_STATE) with interrupts disabled and no NMI or
-   event pending can only be woken by an NMI, and nothing here sends one (a
-   kernel's "System halted", or `cli; hlt`). */
-static int halted_now(Vcpu *c, uint64_t *rip) {
-  struct kvm_mp_state mp;
-  struct kvm_regs r;
-  struct kvm_vcpu_events e;
-  if (ioctl(c->fd, KVM_GET_MP_STATE, &mp) < 0 || mp.mp_state != KVM_MP_STATE_HALTED) return 0;
-  if (ioctl(c->fd, KVM_GET_REGS, &r) < 0 || (r.rflags & 0x200)) return 0;
-  if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return 0;
-  *rip = r.rip;
-  return !e.nmi.pending && !e.nmi.injected && !e.interrupt.injected && !e.exception.injected;
-}
-
-/* ... and stays so at the same RIP for HALTED_NS: a kernel booting on
-   kvm_amd was seen halted with IF clear for a moment (and went on) */
-#define HALTED_NS 1000000000u
-static int halted_for_good(RunState *rs) {
-  uint64_t rip, now = kvm_now_ns();
-  if (!halted_now(rs->c, &rip)) { rs->halted_since = 0; return 0; }
-  if (rs->halted_since == 0 || rip != rs->halted_rip) {
-    rs->halted_since = now;
-    rs->halted_rip = rip;
-    return 0;
-  }
-  return now - rs->halted_since >= HALTED_NS;
-}
-
-/* the periodic tick (timer signal): the deadline, a vCPU halted for good,
-   serial input, and output left without a newline (a prompt, an echoed key)
-   while the guest idles */
-static int run_tick(lua_State *L, RunState *rs) {
-  Vm *vm = rs->vm;
-  Serial *s = &vm->serial;
-  tl_tick = 0;
-  rs->c->run->immediate_exit = 0;
-  if (rs->deadline && kvm_now_ns() >= rs->deadline) {
-    rs->why = "timeout";
-    return D_RETURN;
-  }
-  if (s->enabled && s->in_fd >= 0) serial_poll_input(vm, s);
-  if (s->enabled && (s->flush_wanted || s->out_len) &&
-      serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK)
-    return D_ERROR;
-  if (vm->has_irqchip && halted_for_good(rs)) {
-    rs->why = "halted";
-    return D_RETURN;
-  }
-  return D_CONTINUE;
-}
-
-static int opt_field(lua_State *L, int t, const char *k) {
-  return lua_getfield(L, t, k);
-}
-
-/*** Run the vCPU. Claimed port/MMIO exits are dispatched in C (devices) or
-to Lua handlers, and KVM_RUN is re-entered without returning; run() returns
-an Exit for anything not handled.
-@function vcpu:run
-@tparam[opt] table opts {unclaimed = "return"|"ignore", max_exits = n, timeout = seconds}
-@treturn kvm.exit reason "hlt", "io", "mmio", "shutdown", "internal_error", ...,
-  or the synthetic "timeout", "max_exits", "intr", "stopped", "debug_exit", "reset",
-  "halted" (in-kernel irqchip: halted with interrupts disabled and nothing
-  pending, at the same RIP for a second)
-@return[2] fail, "KVM_RUN: ...", errno
-*/
-static int l_vcpu_run(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
-  Vm *vm = c->vm;
-  if (c->running || vm->in_handler)
-    return luaL_error(L, "run() called from inside a handler (re-entry is not allowed)");
-  if (vm->fd < 0) return luaL_error(L, "attempt to use a closed kvm.vm");
-  RunState rs;
-  memset(&rs, 0, sizeof rs);
-  rs.c = c;
-  rs.vm = vm;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    if (opt_field(L, 2, "unclaimed") != LUA_TNIL) {
-      const char *u = lua_tostring(L, -1);
-      if (u && strcmp(u, "ignore") == 0) rs.unclaimed_ignore = 1;
-      else if (!u || strcmp(u, "return") != 0)
-        return luaL_error(L, "bad option 'unclaimed' to 'run' (\"return\" or \"ignore\" expected)");
-    }
-    if (opt_field(L, 2, "max_exits") != LUA_TNIL) {
-      int ok;
-      lua_Integer n = lua_tointegerx(L, -1, &ok);
-      if (!ok || n <= 0) return luaL_error(L, "bad option 'max_exits' to 'run' (positive integer expected)");
-      rs.max_exits = (uint64_t)n;
-    }
-    if (opt_field(L, 2, "timeout") != LUA_TNIL) {
-      int ok;
-      lua_Number t = lua_tonumberx(L, -1, &ok);
-      if (!ok || !(t > 0) || t > 1e9) return luaL_error(L, "bad option 'timeout' to 'run' (positive number of seconds expected)");
-      rs.deadline = kvm_now_ns() + (uint64_t)(t * 1e9);
-    }
-  }
-  lua_settop(L, 2);
-  lua_getiuservalue(L, 1, 1);          /* S_VM */
-  lua_getiuservalue(L, S_VM, 1);       /* S_TAB */
-  lua_pushcfunction(L, traceback);     /* S_MSGH */
-  lua_pushliteral(L, "in");            /* S_IN */
-  lua_pushliteral(L, "out");           /* S_OUT */
-  lua_pushlightuserdata(L, &kvm_stop_keys[0]);  /* S_STOP */
-  luaL_checkstack(L, 16, "run loop");
-  if (vm->port_hits == NULL) vm->port_hits = calloc(65536, sizeof(uint32_t));
-
-  c->running = 1;
-  vm->running++;
-  int r = run_setup(L, &rs);
-  if (r) { run_cleanup(&rs); return r; }
-  serial_begin_run(&vm->serial);
-  tl_run = c->run;
-  tl_tick = 0;
-  tl_int = 0;
-  if (c->stop) c->run->immediate_exit = 1;
-
-  uint64_t nexits = 0;
-  int outcome = D_RETURN;
-  int kvm_errno = 0;
-  for (;;) {
-    uint64_t t0 = kvm_now_ns();
-    int rc = ioctl(c->fd, KVM_RUN, 0);
-    uint64_t t1 = kvm_now_ns();
-    c->ns_in_run += t1 - t0;
-    vm->stats.ns_in_run += t1 - t0;
-    c->seq++;
-    if (rc < 0) {
-      if (errno != EINTR && errno != EAGAIN) { kvm_errno = errno; break; }
-      c->run->immediate_exit = 0;
-      if (c->stop) { rs.why = kvm_stop_reasons[c->stop]; c->stop = 0; break; }
-      if (tl_int) { rs.why = "intr"; break; }
-      if (tl_tick) {
-        outcome = run_tick(L, &rs);
-        if (outcome != D_CONTINUE) break;
-        continue;
-      }
-      rs.why = "intr";   /* some other signal */
-      break;
-    }
-    uint32_t reason = c->run->exit_reason;
-    c->exits++;
-    c->exits_by_reason[reason & 63]++;
-    vm->stats.exits_by_reason[reason & 63]++;
-    nexits++;
-    if (reason == KVM_EXIT_IO) outcome = dispatch_io(L, &rs);
-    else if (reason == KVM_EXIT_MMIO) outcome = dispatch_mmio(L, &rs);
-    else if (reason == KVM_EXIT_INTR) outcome = D_CONTINUE;
-    else outcome = D_RETURN;
-    if (outcome != D_CONTINUE) break;
-    if (c->stop) { rs.why = kvm_stop_reasons[c->stop]; c->stop = 0; outcome = D_RETURN; break; }
-    if (tl_int) { rs.why = "intr"; break; }
-    if (rs.max_exits && nexits >= rs.max_exits) { rs.why = "max_exits"; break; }
-    if (tl_tick && (outcome = run_tick(L, &rs)) != D_CONTINUE) break;
-  }
-  /* out of the loop: restore everything before anything can raise */
-  run_cleanup(&rs);
-  c->stop = 0;
-  if (outcome == D_ERROR) {
-    /* message (with traceback) on top; flush what the guest wrote so far */
-    if (vm->serial.enabled && vm->serial.out_len) {
-      int top = lua_gettop(L);
-      (void)serial_flush(L, vm, S_VM, 0);
-      lua_settop(L, top);
-    }
-    return lua_error(L);
-  }
-  if (vm->serial.enabled && vm->serial.out_len) {
-    if (serial_flush(L, vm, S_VM, S_MSGH) != LUA_OK) return lua_error(L);
-  }
-  if (kvm_errno) { errno = kvm_errno; return kvm_fail(L, "KVM_RUN"); }
-  if (rs.why && strcmp(rs.why, "debug_exit") == 0) {
-    kvm_push_exit(L, 1, c, rs.why);
-    lua_getiuservalue(L, -1, 2);
-    lua_pushinteger(L, rs.debug_code);
-    lua_setfield(L, -2, "code");
-    lua_pop(L, 1);
-    return 1;
-  }
-  return kvm_push_exit(L, 1, c, rs.why);
 }
 
 static const luaL_Reg vcpu_methods[] = {

@@ -1,6 +1,8 @@
 /*
 ** vm.c - kvm.vm: the VM object, guest-physical access, in-kernel devices,
-** and the port/MMIO claim tables the run loop dispatches from.
+** its bus's claims and its counters. The devices themselves are one file
+** each (uart.c, legacy.c, power.c, debugexit.c, debugcon.c, luadev.c); their
+** vm: methods are listed in vm_methods below.
 */
 
 /***
@@ -43,8 +45,6 @@ int l_vm_new(lua_State *L) {
   memset(vm, 0, sizeof *vm);
   vm->fd = -1;
   vm->kvm_fd = -1;
-  vm->serial.in_fd = -1;
-  vm->debug_exit_port = 0;
   luaL_setmetatable(L, VM_MT);
   lua_createtable(L, 4, 4);
   lua_newtable(L);
@@ -72,8 +72,6 @@ int l_vm_new(lua_State *L) {
   vm->run_size = sz;
   vm->fd = fd;
   vm->created_ns = kvm_now_ns();
-  serial_reset(&vm->serial);
-  legacy_reset(&vm->legacy);
   return 1;
 err_kvm: {
     int en = errno;
@@ -93,18 +91,19 @@ static int l_vm_close(lua_State *L) {
   Vm *vm = tovm(L, 1);
   if (vm->running && vm->fd >= 0)
     return luaL_error(L, "cannot close a kvm.vm while a vcpu runs");
-  serial_close(&vm->serial);
+  kvm_devices_close(vm);
   if (vm->fd >= 0) { close(vm->fd); vm->fd = -1; }
   if (vm->kvm_fd >= 0) { close(vm->kvm_fd); vm->kvm_fd = -1; }
-  free(vm->port_hits);
-  vm->port_hits = NULL;
   return 0;
 }
 
 static int l_vm_gc(lua_State *L) {
   Vm *vm = tovm(L, 1);
   vm->running = 0;
-  return l_vm_close(L);
+  l_vm_close(L);
+  free(vm->retired_ports);
+  vm->retired_ports = NULL;
+  return 0;
 }
 
 static int l_vm_tostring(lua_State *L) {
@@ -231,182 +230,30 @@ static int l_vm_identity_map_addr(lua_State *L) {
 */
 static int l_vm_irq_line(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  struct kvm_irq_level il;
-  il.irq = (uint32_t)kvm_checkrange(L, 2, 0, 1023, "irq");
-  if (lua_isboolean(L, 3)) il.level = (uint32_t)lua_toboolean(L, 3);
-  else il.level = (uint32_t)kvm_checkrange(L, 3, 0, 1, "level");
-  if (ioctl(vm->fd, KVM_IRQ_LINE, &il) < 0) return kvm_fail(L, "KVM_IRQ_LINE");
+  int irq = (int)kvm_checkrange(L, 2, 0, 1023, "irq");
+  int level = lua_isboolean(L, 3) ? lua_toboolean(L, 3) : (int)kvm_checkrange(L, 3, 0, 1, "level");
+  if (kvm_irq_line(vm, irq, level) < 0) return kvm_fail(L, "KVM_IRQ_LINE");
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* ---- claims ---- */
-
-static const char *space_name(int is_mmio) { return is_mmio ? "address" : "port"; }
-
-void kvm_claim(lua_State *L, Vm *vm, int is_mmio, uint64_t first, uint64_t last,
-               int kind, int ref, void *dev) {
-  Range *t = is_mmio ? vm->mmio : vm->io;
-  int *n = is_mmio ? &vm->nmmio : &vm->nio;
-  int i;
-  for (i = 0; i < *n; i++) {
-    if (first <= t[i].last && t[i].first <= last) {
-      uint64_t hit = first > t[i].first ? first : t[i].first;
-      luaL_error(L, "%s %s already claimed by %s-%s", space_name(is_mmio), kvm_pushhex(L, (uint64_t)(hit)), kvm_pushhex(L, (uint64_t)(t[i].first)), kvm_pushhex(L, (uint64_t)(t[i].last)));
-    }
-  }
-  if (*n >= KVM_MAX_RANGES)
-    luaL_error(L, "too many %s ranges (at most %d)", space_name(is_mmio), KVM_MAX_RANGES);
-  for (i = *n; i > 0 && t[i - 1].first > first; i--) t[i] = t[i - 1];
-  t[i].first = first; t[i].last = last; t[i].kind = kind; t[i].ref = ref;
-  t[i].dev = dev; t[i].hits = 0;
-  (*n)++;
-}
-
-/* remove the range that starts at first; returns its ref, or -1 */
-static int unclaim(Vm *vm, int is_mmio, uint64_t first, uint64_t last, int *kind) {
-  Range *t = is_mmio ? vm->mmio : vm->io;
-  int *n = is_mmio ? &vm->nmmio : &vm->nio;
-  for (int i = 0; i < *n; i++) {
-    if (t[i].first == first && t[i].last == last) {
-      int ref = t[i].ref;
-      *kind = t[i].kind;
-      for (; i < *n - 1; i++) t[i] = t[i + 1];
-      (*n)--;
-      return ref;
-    }
-  }
-  return -1;
-}
-
-/* a free integer key in the VM's handler table */
-static int free_ref(lua_State *L) {
-  lua_getiuservalue(L, 1, 1);
-  int ref = 1;
-  while (lua_rawgeti(L, -1, ref) != LUA_TNIL) { lua_pop(L, 1); ref++; }
-  lua_pop(L, 2);
-  return ref;
-}
-
-static void drop_handler(lua_State *L, int ref) {
-  lua_getiuservalue(L, 1, 1);
-  lua_pushnil(L);
-  lua_rawseti(L, -2, ref);
-  lua_pop(L, 1);
-}
-
-static int set_handler(lua_State *L, int is_mmio, uint64_t first, uint64_t last, int fnarg) {
-  Vm *vm = kvm_checkvm(L, 1);
-  if (lua_isnil(L, fnarg)) {
-    int kind;
-    int ref = unclaim(vm, is_mmio, first, last, &kind);
-    if (ref < 0)
-      return luaL_error(L, "%s range %s-%s is not claimed", space_name(is_mmio), kvm_pushhex(L, (uint64_t)(first)), kvm_pushhex(L, (uint64_t)(last)));
-    if (kind == H_LUA) drop_handler(L, ref);
-    return 0;
-  }
-  luaL_checktype(L, fnarg, LUA_TFUNCTION);
-  /* replacing the handler of exactly the same range is allowed */
-  Range *t = is_mmio ? vm->mmio : vm->io;
-  int n = is_mmio ? vm->nmmio : vm->nio;
-  for (int i = 0; i < n; i++) {
-    if (t[i].first == first && t[i].last == last && t[i].kind == H_LUA) {
-      lua_getiuservalue(L, 1, 1);
-      lua_pushvalue(L, fnarg);
-      lua_rawseti(L, -2, t[i].ref);
-      return 0;
-    }
-  }
-  int ref = free_ref(L);
-  kvm_claim(L, vm, is_mmio, first, last, H_LUA, ref, NULL);  /* may raise */
-  lua_getiuservalue(L, 1, 1);
-  lua_pushvalue(L, fnarg);
-  lua_rawseti(L, -2, ref);
-  return 0;
-}
-
-/*** Claim a port or port range for a Lua handler; nil removes it.
-The handler is called as fn(port, direction, size, value) for each element
-("in": value is nil, return the integer the guest reads, nil = all ones;
-"out": value is what the guest wrote). Return kvm.STOP to make run() return.
-@function vm:on_io
-@param port integer, or {first, last}
-@tparam ?function fn
-*/
-static int l_vm_on_io(lua_State *L) {
-  kvm_checkvm(L, 1);
-  uint64_t first, last;
-  if (lua_istable(L, 2)) {
-    lua_rawgeti(L, 2, 1);
-    lua_rawgeti(L, 2, 2);
-    int ok1, ok2;
-    lua_Integer a = lua_tointegerx(L, -2, &ok1), b = lua_tointegerx(L, -1, &ok2);
-    lua_pop(L, 2);
-    luaL_argcheck(L, ok1 && ok2, 2, "port range must be {first, last} integers");
-    luaL_argcheck(L, a >= 0 && b <= 0xffff && a <= b, 2, "port range out of range");
-    first = (uint64_t)a; last = (uint64_t)b;
-  } else {
-    first = last = kvm_checkrange(L, 2, 0, 0xffff, "port");
-  }
-  luaL_checkany(L, 3);
-  return set_handler(L, 0, first, last, 3);
-}
-
-/*** Claim a guest-physical MMIO range for a Lua handler; nil removes it.
-fn(addr, direction, len, value), as on_io. The range must not be RAM.
-@function vm:on_mmio
-*/
-static int l_vm_on_mmio(lua_State *L) {
-  kvm_checkvm(L, 1);
-  uint64_t base = (uint64_t)luaL_checkinteger(L, 2);
-  lua_Integer len = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, len > 0, 3, "length must be positive");
-  uint64_t last;
-  luaL_argcheck(L, !__builtin_add_overflow(base, (uint64_t)len - 1, &last), 3,
-                "range wraps around the address space");
-  luaL_checkany(L, 4);
-  Vm *vm = kvm_checkvm(L, 1);
-  for (int i = 0; i < KVM_MAX_REGIONS; i++) {
-    Memory *m = vm->regions[i];
-    if (m && m->host && base <= m->guest + m->size - 1 && m->guest <= last)
-      return luaL_error(L, "MMIO range %s-%s overlaps guest RAM %s-%s (accesses there never exit)",
-                        kvm_pushhex(L, base), kvm_pushhex(L, last), kvm_pushhex(L, m->guest),
-                        kvm_pushhex(L, m->guest + m->size - 1));
-  }
-  return set_handler(L, 1, base, last, 4);
-}
-
-/*** Claim a debug-exit port: a guest write of a byte makes run() return
-reason "debug_exit" with e.code. Default port 0x501.
-@function vm:debug_exit
-*/
-static int l_vm_debug_exit(lua_State *L) {
-  Vm *vm = kvm_checkvm(L, 1);
-  uint64_t port = (uint64_t)luaL_optinteger(L, 2, 0x501);
-  luaL_argcheck(L, port <= 0xffff, 2, "port out of range");
-  kvm_claim(L, vm, 0, port, port, H_DEBUGEXIT, 0, NULL);
-  vm->debug_exit_port = (uint16_t)port;
-  lua_settop(L, 1);
-  return 1;
-}
+/* ---- claims and counters ---- */
 
 /*** Claimed ranges: array of {first=, last=, kind=, hits=, mmio=bool}.
 @function vm:claims
 */
 static int l_vm_claims(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  static const char *kinds[] = {"none", "lua", "serial", "legacy", "debug_exit"};
   lua_newtable(L);
   int k = 1;
   for (int m = 0; m < 2; m++) {
-    Range *t = m ? vm->mmio : vm->io;
-    int n = m ? vm->nmmio : vm->nio;
-    for (int i = 0; i < n; i++) {
+    Bus *b = m ? &vm->mmio : &vm->pio;
+    for (int i = 0; i < b->n; i++) {
       lua_createtable(L, 0, 5);
-      lua_pushinteger(L, (lua_Integer)t[i].first); lua_setfield(L, -2, "first");
-      lua_pushinteger(L, (lua_Integer)t[i].last); lua_setfield(L, -2, "last");
-      lua_pushstring(L, kinds[t[i].kind]); lua_setfield(L, -2, "kind");
-      lua_pushinteger(L, (lua_Integer)t[i].hits); lua_setfield(L, -2, "hits");
+      lua_pushinteger(L, (lua_Integer)b->r[i].first); lua_setfield(L, -2, "first");
+      lua_pushinteger(L, (lua_Integer)b->r[i].last); lua_setfield(L, -2, "last");
+      lua_pushstring(L, b->r[i].dev->ops->kind); lua_setfield(L, -2, "kind");
+      lua_pushinteger(L, (lua_Integer)b->r[i].hits); lua_setfield(L, -2, "hits");
       lua_pushboolean(L, m); lua_setfield(L, -2, "mmio");
       lua_rawseti(L, -2, k++);
     }
@@ -414,36 +261,35 @@ static int l_vm_claims(lua_State *L) {
   return 1;
 }
 
-const char *kvm_exit_name(uint32_t reason);  /* exit.c */
-
-/*** Counters: {exits = {reason = n}, ports = {[port] = n}, unclaimed_io=,
-unclaimed_mmio=, run_seconds=, handler_seconds=, serial_tx=, serial_rx=}.
+/*** Counters, over every vCPU the VM had: {exits = {reason = n}, ports =
+{[port] = n}, unclaimed_io=, unclaimed_mmio=, run_seconds=, handler_seconds=
+(Lua handlers; sampled), and the devices' own: serial_tx=, serial_rx= (the
+UARTs'), debugcon_tx=, sleep_requests= (power)}.
 @function vm:stats
 */
 static int l_vm_stats(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
+  VcpuStats st;
+  uint32_t *ports;
+  kvm_vm_stats(vm, &st, &ports);
   lua_createtable(L, 0, 8);
-  lua_newtable(L);
-  for (int i = 0; i < 64; i++)
-    if (vm->stats.exits_by_reason[i]) {
-      lua_pushinteger(L, (lua_Integer)vm->stats.exits_by_reason[i]);
-      lua_setfield(L, -2, kvm_exit_name((uint32_t)i));
-    }
+  kvm_push_by_reason(L, st.exits_by_reason);
   lua_setfield(L, -2, "exits");
   lua_newtable(L);
-  if (vm->port_hits)
-    for (int p = 0; p < 65536; p++)
-      if (vm->port_hits[p]) {
-        lua_pushinteger(L, vm->port_hits[p]);
-        lua_rawseti(L, -2, p);
-      }
+  for (int p = 0; ports && p < 65536; p++)
+    if (ports[p]) {
+      lua_pushinteger(L, ports[p]);
+      lua_rawseti(L, -2, p);
+    }
+  free(ports);
   lua_setfield(L, -2, "ports");
-  lua_pushinteger(L, (lua_Integer)vm->stats.unclaimed_io); lua_setfield(L, -2, "unclaimed_io");
-  lua_pushinteger(L, (lua_Integer)vm->stats.unclaimed_mmio); lua_setfield(L, -2, "unclaimed_mmio");
-  lua_pushnumber(L, (double)vm->stats.ns_in_run / 1e9); lua_setfield(L, -2, "run_seconds");
-  lua_pushnumber(L, (double)vm->stats.ns_in_handlers / 1e9); lua_setfield(L, -2, "handler_seconds");
-  lua_pushinteger(L, (lua_Integer)vm->serial.tx_bytes); lua_setfield(L, -2, "serial_tx");
-  lua_pushinteger(L, (lua_Integer)vm->serial.rx_bytes); lua_setfield(L, -2, "serial_rx");
+  lua_pushinteger(L, (lua_Integer)st.unclaimed_io); lua_setfield(L, -2, "unclaimed_io");
+  lua_pushinteger(L, (lua_Integer)st.unclaimed_mmio); lua_setfield(L, -2, "unclaimed_mmio");
+  lua_pushnumber(L, (double)st.ns_in_run / 1e9); lua_setfield(L, -2, "run_seconds");
+  lua_pushnumber(L, (double)st.ns_in_handlers / 1e9); lua_setfield(L, -2, "handler_seconds");
+  lua_pushinteger(L, 0); lua_setfield(L, -2, "serial_tx");
+  lua_pushinteger(L, 0); lua_setfield(L, -2, "serial_rx");
+  kvm_devices_stats(vm, L);
   return 1;
 }
 
@@ -496,9 +342,12 @@ static const luaL_Reg vm_methods[] = {
   {"on_mmio", l_vm_on_mmio},
   {"debug_exit", l_vm_debug_exit},
   {"claims", l_vm_claims},
+  /* devices: one line each */
   {"serial", l_vm_serial},
   {"legacy_ports", l_vm_legacy_ports},
   {"boot_markers", l_vm_boot_markers},
+  {"power", l_vm_power},
+  {"debugcon", l_vm_debugcon},
   {"load_elf", kvm_elf_load},
   {"stats", l_vm_stats},
   {"regions", l_vm_regions},

@@ -37,6 +37,8 @@ local VM = {
   debug_exit = { { 0x501 }, accepts = { [1] = "nil" } },
   serial = { { { output = false } }, accepts = { [1] = "nil table" } },
   legacy_ports = { { {} }, accepts = { [1] = "nil table" } },
+  power = { { {} }, accepts = { [1] = "nil table" } },
+  debugcon = { { { output = false } }, accepts = { [1] = "nil table" } },
   -- a path that is a number is a string to Lua: a missing file, nil + msg
   load_elf = { { "/nonexistent", {} }, accepts = { [1] = "string float negative maxinteger", [2] = "nil table" } },
 }

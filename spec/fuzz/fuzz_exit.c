@@ -1,22 +1,26 @@
 /*
-** fuzz_exit.c - libFuzzer harness for the exit decoder (csrc/exit.c) and
-** the run loop's port/MMIO dispatch (csrc/vcpu.c), fed a kvm_run page of
-** fuzzed bytes: exit_reason, io.size/count/port/data_offset, mmio.len,
-** internal.ndata, ... are all whatever the input says.
+** fuzz_exit.c - libFuzzer harness for the run loop (csrc/run.c), the bus
+** and its devices (csrc/bus.c and the device files) and the exit decoder
+** (csrc/exit.c), fed a kvm_run page of fuzzed bytes: exit_reason,
+** io.size/count/port/data_offset, mmio.len, internal.ndata, ... are all
+** whatever the input says.
 **
-** The test hook: vcpu.c is #included here (and left out of the harness's
-** other sources) so its static dispatch_io/dispatch_mmio can be called
-** without changing the library. A real VM and vCPU are made once, with Lua
-** port and MMIO handlers that return values, nil, kvm.STOP, bad types and
-** errors, and replace their own claims; the UART, the legacy ports and a
-** debug-exit port. For each input the vCPU's kvm_run pointer is pointed at
-** the fuzzed page for the call and restored after; the exit that results
+** Driven through the interfaces: a real VM and vCPU are made once, with Lua
+** port and MMIO handlers that return values, nil, kvm.STOP/POWEROFF, bad
+** types and errors, and replace their own claims; two UARTs, the legacy
+** ports, the power device, a debug console and a debug-exit port. For each
+** input the vCPU's kvm_run pointer is pointed at the fuzzed page and its
+** KVM_RUN (Vcpu.enter) at a function that returns that one exit; cpu:run
+** {max_exits = 1} dispatches it as it would any exit. The Exit that results
 ** is printed, copied and replied to. ASan/UBSan are the oracle.
 **
 ** Input: byte 0 bit 0 = run{unclaimed = "ignore"}; the rest is the page.
 */
 #include "fuzz_common.h"
-#include "../../csrc/vcpu.c"   /* static dispatch_io, dispatch_mmio, RunState */
+
+#include <errno.h>
+
+#include "luakvm.h"
 
 static lua_State *L;
 static uint8_t *page;
@@ -29,7 +33,10 @@ static const char *SETUP =
   "local cpu = assert(vm:vcpu(0))\n"
   "local out = 0\n"
   "vm:serial{ output = function(b) out = out + #b end }\n"
+  "vm:serial{ port = 0x2f8, irq = 3, output = false }\n"
   "vm:legacy_ports()\n"
+  "vm:power()\n"
+  "vm:debugcon{ output = function(b) out = out + #b end }\n"
   "vm:debug_exit(0x501)\n"
   "local low\n"
   "low = function(port, dir, size, value)\n"
@@ -42,6 +49,7 @@ static const char *SETUP =
   "  elseif k == 6 then vm:on_io({ 0x10, 0x1f }, nil); vm:on_io({ 0x10, 0x1f }, low)\n"
   "  elseif k == 7 then vm:on_io({ 0x10, 0x1f }, nil)\n"
   "  elseif k == 8 then cpu:stop()\n"
+  "  elseif k == 9 then return kvm.POWEROFF\n"
   "  end\n"
   "  return math.mininteger | port\n"
   "end\n"
@@ -53,10 +61,10 @@ static const char *SETUP =
   "  return -1\n"
   "end)\n"
   "vm:on_mmio(-0x1000, 0x1000, function() return 7 end)\n"
-  "local function check(dispatch, ignore)\n"
+  "local function check(ignore)\n"
   "  -- the claims a handler may have dropped\n"
   "  pcall(vm.on_io, vm, { 0x10, 0x1f }, low)\n"
-  "  local ok, e = pcall(dispatch, cpu, ignore)\n"
+  "  local ok, e = pcall(cpu.run, cpu, { max_exits = 1, unclaimed = ignore and 'ignore' or 'return' })\n"
   "  if not ok then return end                 -- a handler's error: fine\n"
   "  if type(e.reason) ~= 'string' then error('exit without a reason', 0) end\n"
   "  local s = tostring(e)\n"
@@ -67,38 +75,14 @@ static const char *SETUP =
   "end\n"
   "return { cpu = cpu, check = check }\n";
 
-/* dispatch the exit in c->run as run() does, then return the exit that
-   run() would return (or raise a handler's error) */
-static int fuzz_dispatch(lua_State *L_) {
-  Vcpu *c = kvm_checkvcpu(L_, 1);
-  Vm *vm = c->vm;
-  int ignore = lua_toboolean(L_, 2);
-  lua_settop(L_, 2);
-  lua_getiuservalue(L_, 1, 1);          /* S_VM */
-  lua_getiuservalue(L_, S_VM, 1);       /* S_TAB */
-  lua_pushcfunction(L_, traceback);     /* S_MSGH */
-  lua_pushliteral(L_, "in");            /* S_IN */
-  lua_pushliteral(L_, "out");           /* S_OUT */
-  lua_pushlightuserdata(L_, &kvm_stop_key);  /* S_STOP */
-  RunState rs;
-  memset(&rs, 0, sizeof rs);
-  rs.c = c;
-  rs.vm = vm;
-  rs.unclaimed_ignore = ignore;
-  c->running = 1;
-  vm->running++;
-  c->seq++;
-  uint32_t reason = c->run->exit_reason;
-  int outcome = D_RETURN;
-  if (reason == KVM_EXIT_IO) outcome = dispatch_io(L_, &rs);
-  else if (reason == KVM_EXIT_MMIO) outcome = dispatch_mmio(L_, &rs);
-  c->running = 0;
-  vm->running--;
-  if (c->stop) { c->stop = 0; if (!rs.why) rs.why = "stopped"; }
-  if (outcome == D_ERROR) return lua_error(L_);
-  if (vm->serial.enabled && vm->serial.out_len && serial_flush(L_, vm, S_VM, S_MSGH) != LUA_OK)
-    return lua_error(L_);
-  return kvm_push_exit(L_, 1, c, rs.why);
+/* KVM_RUN, faked: the fuzzed page is the exit, once; then an interruption
+   (no second exit is dispatched: run() returns "max_exits" before) */
+static int entered;
+static int fuzz_enter(Vcpu *c) {
+  (void)c;
+  if (entered++ == 0) return 0;
+  errno = EINTR;
+  return -1;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -122,11 +106,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   memcpy(page, data + 1, size - 1 < page_size ? size - 1 : page_size);
   struct kvm_run *real = c->run;
   c->run = (struct kvm_run *)page;      /* restored below, before anything else runs */
+  c->enter = fuzz_enter;
+  entered = 0;
   lua_getfield(L, t, "check");
-  lua_pushcfunction(L, fuzz_dispatch);
   lua_pushboolean(L, data[0] & 1);
-  int st = lua_pcall(L, 2, 0, 0);
+  int st = lua_pcall(L, 1, 0, 0);
   c->run = real;
+  c->enter = kvm_enter;
   if (st != LUA_OK) fuzz_die(L, "fuzz_exit");
   lua_settop(L, 0);
   return 0;

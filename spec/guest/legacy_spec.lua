@@ -211,7 +211,7 @@ describe("legacy PC ports #guest", function()
       support.need_kvm()
       vm:debug_exit(0x80)
       assert.has_error(function() vm:legacy_ports() end,
-        "vm:legacy_ports: port 0x80 (post) already claimed by 0x80-0x80")
+        "vm:legacy_ports: port 0x80 already claimed by 0x80-0x80 (post)")
       assert.are.equal(1, #vm:claims())
       vm:legacy_ports{post = false}
       assert.are.equal(6, #vm:claims())

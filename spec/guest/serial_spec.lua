@@ -270,11 +270,21 @@ describe("16550A UART #guest", function()
       assert.has_error(function() vm:serial{input = f} end, "vm:serial: 'input' is a closed file")
     end)
 
-    it("rejects a second UART", function()
+    it("takes a second UART on other ports, each with its own output", function()
       support.need_kvm()
-      vm:serial{output = false}
-      assert.has_error(function() vm:serial{port = 0x2f8} end,
-        "vm:serial: the UART is already set up")
+      vm:close()
+      -- mov dx, 0x2f8; mov al, 'B'; out dx, al; mov dx, 0x3f8; mov al, 'A'; out dx, al; hlt
+      local cpu
+      local got = { [1] = {}, [2] = {} }
+      vm, cpu = support.guest("\xba\xf8\x02\xb0B\xee\xba\xf8\x03\xb0A\xee\xf4", { setup = function(v)
+        v:serial{ output = function(b) got[1][#got[1] + 1] = b end }
+        v:serial{ port = 0x2f8, irq = 3, output = function(b) got[2][#got[2] + 1] = b end }
+      end })
+      assert.equal("hlt", cpu:run().reason)
+      assert.equal("A", table.concat(got[1]))
+      assert.equal("B", table.concat(got[2]))
+      assert.equal(2, vm:stats().serial_tx)
+      assert.has_error(function() vm:serial{port = 0x2f8} end, "port 0x2f8 already claimed by 0x2f8-0x2ff")
     end)
 
     it("rejects ports already claimed", function()

@@ -1,13 +1,14 @@
 /*
-** serial.c - a 16550A UART on eight I/O ports (COM1 is 0x3f8, IRQ 4).
+** uart.c - a 16550A UART on eight I/O ports (COM1 is 0x3f8, IRQ 4), a
+** device on the bus; a VM may have several (COM1-COM4).
 **
 ** Transmission is instant: THR is always empty (LSR.THRE|TEMT), so every
 ** THR write re-raises the THR-empty interrupt at once. Output is buffered
-** in Serial.out and handed to a Lua FILE or function by serial_flush (the
-** run loop calls it when flush_wanted is set and when run() returns).
-** Input comes from a file descriptor, read without blocking into the
-** receive FIFO when the guest drains it, polls LSR, or the run loop's
-** 10 ms tick calls serial_poll_input.
+** in Uart.out and handed to a Lua FILE or function by uart_flush: after
+** the access that set flush_wanted (a newline, a full buffer), on the 10 ms
+** tick (a prompt, an echoed key) and when run() returns. Input comes from a
+** file descriptor, read without blocking into the receive FIFO when the
+** guest drains it, polls LSR, or on the tick.
 **
 ** Register behaviour follows the PC16550D datasheet closely enough for
 ** Linux's 8250 autoconfig() to identify a 16550A: IER keeps only bits 0-3,
@@ -21,10 +22,36 @@
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
-#include <sys/ioctl.h>
+#include <termios.h>
 #include <unistd.h>
 
-#include "luakvm.h"
+#include "sink.h"
+
+#define UART_FIFO   16           /* a 16550A: Linux's size_fifo() must count 16 */
+#define UART_TICK_NS 10000000u   /* 10 ms: input, and output without a newline */
+
+typedef struct Uart {
+  Device dev;
+  uint16_t port;
+  int irq;
+  uint8_t ier, iir, fcr, lcr, mcr, lsr, msr, scr, dll, dlm;
+  uint8_t rbr;                   /* last byte read from the receiver */
+  int thri_pending;              /* THR-empty interrupt waiting for IIR read */
+  int irq_level;                 /* last level driven on the irq line */
+  uint8_t rx[UART_FIFO];
+  int rx_head, rx_count;
+  uint8_t held[2 * UART_FIFO];   /* typed bytes a FIFO reset took back, oldest first */
+  int held_len;
+  int lsr_polls;                 /* LSR reads in a row: a driver polling for input */
+  Sink out;                      /* the transmitter's bytes */
+  int in_ref;                    /* the input FILE in the VM's table */
+  int in_fd;                     /* -1: no input */
+  int in_eof;
+  luaL_Stream *in_stream;        /* the input FILE */
+  int tty_saved;                 /* saved_tios holds the input tty's modes */
+  struct termios saved_tios;
+  uint64_t rx_bytes, rx_overruns;
+} Uart;
 
 /* register offsets */
 enum { R_RBR_THR = 0, R_IER = 1, R_IIR_FCR = 2, R_LCR = 3, R_MCR = 4, R_LSR = 5,
@@ -66,35 +93,29 @@ enum { R_RBR_THR = 0, R_IER = 1, R_IIR_FCR = 2, R_LCR = 3, R_MCR = 4, R_LSR = 5,
 #define MSR_RI    0x40
 #define MSR_DCD   0x80
 
-#define OUT_NONE  0
-#define OUT_FILE  1
-#define OUT_FUNC  2
 
-/* partial output older than this is flushed with the next byte */
-#define FLUSH_AGE_NS 20000000u
-
-static int fifo_on(const Serial *s) { return s->fcr & FCR_ENABLE; }
+static int fifo_on(const Uart *s) { return s->fcr & FCR_ENABLE; }
 
 /* a disabled FIFO is a one-byte holding register */
-static int rx_capacity(const Serial *s) { return fifo_on(s) ? SERIAL_FIFO : 1; }
+static int rx_capacity(const Uart *s) { return fifo_on(s) ? UART_FIFO : 1; }
 
-static int rx_trigger(const Serial *s) {
+static int rx_trigger(const Uart *s) {
   static const int levels[4] = {1, 4, 8, 14};
   return levels[s->fcr >> 6];
 }
 
-static void rx_clear(Serial *s) { s->rx_head = 0; s->rx_count = 0; }
+static void rx_clear(Uart *s) { s->rx_head = 0; s->rx_count = 0; }
 
 /* The guest's driver resets the receive FIFO when it probes the port and on
    every open: typeahead (bytes from the host's input, not loopback) is not
    lost there but taken back, ahead of anything still held, and delivered
    first once the FIFO has room again. */
-static void rx_reset(Serial *s) {
+static void rx_reset(Uart *s) {
   if (s->in_fd >= 0 && !(s->mcr & MCR_LOOP) && s->rx_count > 0) {
     uint8_t keep[sizeof s->held] = {0};
     int n = 0;
     for (int i = 0; i < s->rx_count && n < (int)sizeof keep; i++)
-      keep[n++] = s->rx[(s->rx_head + i) % SERIAL_FIFO];
+      keep[n++] = s->rx[(s->rx_head + i) % UART_FIFO];
     for (int i = 0; i < s->held_len && n < (int)sizeof keep; i++) keep[n++] = s->held[i];
     memcpy(s->held, keep, (size_t)n);
     s->held_len = n;
@@ -103,18 +124,18 @@ static void rx_reset(Serial *s) {
 }
 
 /* one received byte; a full FIFO drops it and flags an overrun */
-static void rx_push(Serial *s, uint8_t v) {
+static void rx_push(Uart *s, uint8_t v) {
   if (s->rx_count >= rx_capacity(s)) {
     s->lsr |= LSR_OE;
     s->rx_overruns++;
     return;
   }
-  s->rx[(s->rx_head + s->rx_count) % SERIAL_FIFO] = v;
+  s->rx[(s->rx_head + s->rx_count) % UART_FIFO] = v;
   s->rx_count++;
 }
 
 /* highest-priority pending interrupt, as IIR bits 3-0 */
-static uint8_t pending(const Serial *s) {
+static uint8_t pending(const Uart *s) {
   if ((s->ier & IER_ELSI) && (s->lsr & LSR_ERRS)) return IIR_LSR;
   if ((s->ier & IER_ERBFI) && s->rx_count > 0)
     return (fifo_on(s) && s->rx_count < rx_trigger(s)) ? IIR_CTI : IIR_RDA;
@@ -125,28 +146,22 @@ static uint8_t pending(const Serial *s) {
 
 /* Recompute IIR and drive the IRQ line on a change. PC boards gate the
    UART's interrupt with OUT2, and loopback forces the outputs inactive. */
-static void update_irq(Vm *vm, Serial *s) {
+static void update_irq(Uart *s) {
   uint8_t p = pending(s);
   s->iir = (uint8_t)(p | (fifo_on(s) ? IIR_FIFO : 0));
   int level = p != IIR_NONE && (s->mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2;
-  if (level != s->irq_level && vm->has_irqchip && vm->fd >= 0) {
-    struct kvm_irq_level il;
-    memset(&il, 0, sizeof il);
-    il.irq = (uint32_t)s->irq;
-    il.level = (uint32_t)level;
-    if (ioctl(vm->fd, KVM_IRQ_LINE, &il) == 0) s->irq_level = level;
-  }
+  if (level != s->irq_level && kvm_irq_line(s->dev.vm, s->irq, level) == 0) s->irq_level = level;
 }
 
 /* modem inputs: a connected modem, or the MCR outputs in loopback */
-static uint8_t modem_lines(const Serial *s) {
+static uint8_t modem_lines(const Uart *s) {
   if (!(s->mcr & MCR_LOOP)) return MSR_DCD | MSR_DSR | MSR_CTS;
   return (uint8_t)(((s->mcr & MCR_RTS) ? MSR_CTS : 0) | ((s->mcr & MCR_DTR) ? MSR_DSR : 0) |
                    ((s->mcr & MCR_OUT1) ? MSR_RI : 0) | ((s->mcr & MCR_OUT2) ? MSR_DCD : 0));
 }
 
 /* new modem lines, setting the delta bits 3-0 for what changed */
-static void set_modem_lines(Serial *s) {
+static void set_modem_lines(Uart *s) {
   uint8_t old = s->msr & 0xf0, now = modem_lines(s), d = s->msr & 0x0f, x = old ^ now;
   if (x & MSR_CTS) d |= 0x01;
   if (x & MSR_DSR) d |= 0x02;
@@ -157,9 +172,9 @@ static void set_modem_lines(Serial *s) {
 
 /*
 ** Reset the device registers and buffers (a power-on reset). Leaves the
-** configuration alone: enabled, port, irq, input and output, tty state.
+** configuration alone: port, irq, input and output, tty state.
 */
-void serial_reset(Serial *s) {
+static void uart_reset(Uart *s) {
   s->ier = 0; s->fcr = 0; s->lcr = 0; s->mcr = 0; s->scr = 0;
   s->lsr = 0; s->rbr = 0;
   s->dll = 0x0c; s->dlm = 0;     /* 9600 baud */
@@ -169,8 +184,8 @@ void serial_reset(Serial *s) {
   rx_clear(s);
   s->held_len = 0;
   s->lsr_polls = 0;
-  s->out_len = 0;
-  s->flush_wanted = 0;
+  s->out.len = 0;
+  s->out.want = 0;
 }
 
 /* Input moves from the host into the FIFO only while the guest wants it: its
@@ -181,14 +196,14 @@ void serial_reset(Serial *s) {
    it: a byte pulled in by that LSR read would be thrown away (typeahead lost
    its first bytes that way); it waits in the host instead. */
 #define LSR_POLLING 8
-static int input_usable(const Serial *s) {
-  return s->enabled && s->in_fd >= 0 && !s->in_eof && !(s->mcr & MCR_LOOP) &&
+static int input_usable(const Uart *s) {
+  return s->in_fd >= 0 && !s->in_eof && !(s->mcr & MCR_LOOP) &&
          s->in_stream != NULL && s->in_stream->closef != NULL &&
          (((s->ier & IER_ERBFI) && (s->mcr & MCR_OUT2)) || s->lsr_polls >= LSR_POLLING);
 }
 
 /* read what is ready without blocking; 1 if bytes arrived */
-static int fill_rx(Serial *s) {
+static int fill_rx(Uart *s) {
   int room = rx_capacity(s) - s->rx_count;
   if (room <= 0 || !input_usable(s)) return 0;
   if (s->held_len > 0) {         /* typeahead a FIFO reset took back comes first */
@@ -201,7 +216,7 @@ static int fill_rx(Serial *s) {
   struct pollfd pfd = { .fd = s->in_fd, .events = POLLIN, .revents = 0 };
   if (poll(&pfd, 1, 0) <= 0) return 0;
   if (pfd.revents & POLLNVAL) { s->in_eof = 1; return 0; }
-  uint8_t buf[SERIAL_FIFO];
+  uint8_t buf[UART_FIFO];
   ssize_t n = read(s->in_fd, buf, (size_t)room);
   if (n == 0) { s->in_eof = 1; return 0; }
   if (n < 0) {
@@ -213,31 +228,12 @@ static int fill_rx(Serial *s) {
   return 1;
 }
 
-/* poll the input (run loop: periodic tick). 1 if bytes arrived */
-int serial_poll_input(Vm *vm, Serial *s) {
-  int got = fill_rx(s);
-  if (got) update_irq(vm, s);
-  /* the tick is also the moment to push out a partial line */
-  if (s->out_len) s->flush_wanted = 1;
-  return got;
+static void transmit(Uart *s, uint8_t v) {
+  if (s->mcr & MCR_LOOP) rx_push(s, v);    /* the serial output is wired to the input */
+  else sink_put(&s->out, v);
 }
 
-static void transmit(Serial *s, uint8_t v) {
-  if (s->mcr & MCR_LOOP) {       /* the serial output is wired to the input */
-    rx_push(s, v);
-    return;
-  }
-  if (s->out_kind == OUT_NONE) { s->tx_bytes++; return; }
-  if (s->out_len >= SERIAL_OUTBUF) { s->tx_dropped++; s->flush_wanted = 1; return; }
-  uint64_t now = kvm_now_ns();
-  if (s->out_len == 0) s->out_first_ns = now;
-  s->out[s->out_len++] = (char)v;
-  s->tx_bytes++;
-  if (v == '\n' || s->out_len == SERIAL_OUTBUF || now - s->out_first_ns >= FLUSH_AGE_NS)
-    s->flush_wanted = 1;
-}
-
-static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
+static uint8_t read_reg(Uart *s, unsigned off) {
   uint8_t v;
   if (off != R_LSR) s->lsr_polls = 0;
   else if (s->lsr_polls < LSR_POLLING) s->lsr_polls++;
@@ -246,20 +242,20 @@ static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
     if (s->lcr & LCR_DLAB) return s->dll;
     if (s->rx_count > 0) {
       s->rbr = s->rx[s->rx_head];
-      s->rx_head = (s->rx_head + 1) % SERIAL_FIFO;
+      s->rx_head = (s->rx_head + 1) % UART_FIFO;
       s->rx_count--;
     }
     if (s->rx_count == 0) fill_rx(s);      /* next bytes, if the host has them */
-    update_irq(vm, s);
+    update_irq(s);
     return s->rbr;
   case R_IER:
     return (s->lcr & LCR_DLAB) ? s->dlm : s->ier;
   case R_IIR_FCR:
-    update_irq(vm, s);
+    update_irq(s);
     v = s->iir;
     if ((v & 0x0f) == IIR_THRI) {          /* reading IIR acknowledges THRI */
       s->thri_pending = 0;
-      update_irq(vm, s);
+      update_irq(s);
     }
     return v;
   case R_LCR:
@@ -272,12 +268,12 @@ static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
     if (s->rx_count == 0 && s->lsr_polls >= LSR_POLLING) fill_rx(s);
     v = (uint8_t)((s->lsr & LSR_ERRS) | LSR_THRE | LSR_TEMT | (s->rx_count ? LSR_DR : 0));
     s->lsr &= (uint8_t)~LSR_ERRS;
-    update_irq(vm, s);
+    update_irq(s);
     return v;
   case R_MSR:
     v = s->msr;
     s->msr &= 0xf0;
-    update_irq(vm, s);
+    update_irq(s);
     return v;
   case R_SCR:
     return s->scr;
@@ -285,7 +281,7 @@ static uint8_t read_reg(Vm *vm, Serial *s, unsigned off) {
   return 0xff;
 }
 
-static void write_reg(Vm *vm, Serial *s, unsigned off, uint8_t v) {
+static void write_reg(Uart *s, unsigned off, uint8_t v) {
   s->lsr_polls = 0;
   switch (off) {
   case R_RBR_THR:
@@ -319,50 +315,38 @@ static void write_reg(Vm *vm, Serial *s, unsigned off, uint8_t v) {
     s->scr = v;
     return;
   }
-  update_irq(vm, s);
+  update_irq(s);
 }
 
-/* one byte at register offset off (0..7) */
-void serial_io(Vm *vm, Serial *s, unsigned off, int is_write, uint8_t *val) {
-  if (off > 7) { if (!is_write) *val = 0xff; return; }
-  if (is_write) write_reg(vm, s, off, *val);
-  else *val = read_reg(vm, s, off);
+static int uart_flush(Device *d, BusCall *bc) {
+  return sink_flush(&((Uart *)d)->out, bc);
 }
 
-int serial_flush(lua_State *L, Vm *vm, int vm_idx, int msgh) {
-  Serial *s = &vm->serial;
-  size_t n = s->out_len;
-  s->flush_wanted = 0;
-  if (n == 0) return LUA_OK;
-  if (s->out_kind == OUT_NONE) { s->out_len = 0; return LUA_OK; }
-  vm_idx = lua_absindex(L, vm_idx);
-  if (msgh) msgh = lua_absindex(L, msgh);
-  lua_getiuservalue(L, vm_idx, 1);                        /* uv */
-  lua_getfield(L, -1, "serial_out");                      /* uv out */
-  if (s->out_kind == OUT_FILE) {
-    luaL_Stream *p = (luaL_Stream *)luaL_testudata(L, -1, LUA_FILEHANDLE);
-    s->out_len = 0;
-    lua_pop(L, 2);
-    if (p == NULL || p->closef == NULL) {
-      lua_pushliteral(L, "serial output: attempt to use a closed file");
-      return LUA_ERRRUN;
-    }
-    if (fwrite(s->out, 1, n, p->f) < n) s->tx_dropped += n;  /* e.g. EPIPE: lost */
-    fflush(p->f);
-    return LUA_OK;
+static int uart_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
+                       uint8_t *data) {
+  Uart *s = (Uart *)d;
+  for (unsigned j = 0; j < size; j++) {   /* a wide access: byte by byte, as on a PC's bus */
+    unsigned off = (unsigned)(addr - s->port) + j;
+    if (off > 7) { if (!is_write) data[j] = 0xff; }
+    else if (is_write) write_reg(s, off, data[j]);
+    else data[j] = read_reg(s, off);
   }
-  lua_pushlstring(L, s->out, n);                          /* uv fn bytes */
-  s->out_len = 0;
-  int st = lua_pcall(L, 1, 0, msgh);                      /* uv [err] */
-  if (st != LUA_OK) lua_remove(L, -2);
-  else lua_pop(L, 1);
-  return st;
+  return s->out.want ? sink_flush(&s->out, bc) : BUS_OK;
+}
+
+/* the tick: input that arrived, and output left without a newline (a
+   prompt, an echoed key) while the guest idles */
+static int uart_tick(Device *d, BusCall *bc) {
+  Uart *s = (Uart *)d;
+  if (fill_rx(s)) update_irq(s);
+  return s->out.len ? sink_flush(&s->out, bc) : BUS_OK;
 }
 
 /* ---- terminal ---- */
 
-void serial_begin_run(Serial *s) {
-  if (!s->enabled || s->in_fd < 0 || s->tty_saved || s->in_stream == NULL ||
+static void uart_begin_run(Device *d) {
+  Uart *s = (Uart *)d;
+  if (s->in_fd < 0 || s->tty_saved || s->in_stream == NULL ||
       s->in_stream->closef == NULL || !isatty(s->in_fd))
     return;
   if (tcgetattr(s->in_fd, &s->saved_tios) != 0) return;
@@ -378,28 +362,47 @@ void serial_begin_run(Serial *s) {
   if (tcsetattr(s->in_fd, TCSANOW, &t) == 0) s->tty_saved = 1;
 }
 
-void serial_end_run(Serial *s) {
+static void uart_end_run(Device *d) {
+  Uart *s = (Uart *)d;
   if (!s->tty_saved) return;
   s->tty_saved = 0;
   if (s->in_fd >= 0) (void)tcsetattr(s->in_fd, TCSANOW, &s->saved_tios);
 }
 
-void serial_close(Serial *s) {
-  serial_end_run(s);
+static void uart_close(Device *d) {
+  Uart *s = (Uart *)d;
   s->in_fd = -1;
   s->in_stream = NULL;
-  s->enabled = 0;
+  s->dev.tick_ns = 0;
 }
+
+/* vm:stats(): serial_tx and serial_rx over every UART */
+static void add_count(lua_State *L, const char *k, uint64_t n) {
+  lua_getfield(L, -1, k);
+  lua_Integer have = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_pushinteger(L, have + (lua_Integer)n);
+  lua_setfield(L, -2, k);
+}
+
+static void uart_stats(Device *d, lua_State *L) {
+  Uart *s = (Uart *)d;
+  add_count(L, "serial_tx", s->out.bytes);
+  add_count(L, "serial_rx", s->rx_bytes);
+}
+
+static const DeviceOps uart_ops = {
+  .kind = "serial",
+  .access = uart_access,
+  .tick = uart_tick,
+  .flush = uart_flush,
+  .begin_run = uart_begin_run,
+  .end_run = uart_end_run,
+  .close = uart_close,
+  .stats = uart_stats,
+};
 
 /* ---- vm:serial{...} ---- */
-
-static luaL_Stream *open_file_arg(lua_State *L, int idx, const char *field) {
-  luaL_Stream *p = (luaL_Stream *)luaL_testudata(L, idx, LUA_FILEHANDLE);
-  if (p == NULL) return NULL;
-  if (p->closef == NULL || p->f == NULL)
-    luaL_error(L, "vm:serial: '%s' is a closed file", field);
-  return p;
-}
 
 static lua_Integer int_field(lua_State *L, int opts, const char *k, lua_Integer dflt,
                              lua_Integer lo, lua_Integer hi, const char *range) {
@@ -412,6 +415,17 @@ static lua_Integer int_field(lua_State *L, int opts, const char *k, lua_Integer 
                luaL_tolstring(L, -1, NULL));
   lua_pop(L, 1);
   return v;
+}
+
+/* the input option -> stack slot 3: a FILE with a descriptor, or NULL */
+static luaL_Stream *input_arg(lua_State *L) {
+  if (lua_getfield(L, 2, "input") == LUA_TNIL) return NULL;
+  luaL_Stream *in = sink_checkfile(L, -1, "vm:serial", "input");
+  if (in == NULL)
+    luaL_error(L, "vm:serial: 'input' must be a file, got %s", luaL_typename(L, -1));
+  else if (fileno(in->f) < 0)
+    luaL_error(L, "vm:serial: 'input' has no file descriptor");
+  return in;
 }
 
 /***
@@ -428,15 +442,13 @@ runs and restored afterwards.
   `output`: a file (default io.stdout), a function(bytes) or false to discard,
   `input`: a file to read from (default none)
 @treturn kvm.vm the VM, for chaining
-@raise on a bad option, when the ports are taken or the UART is already set up
+@raise on a bad option or when the ports are taken (a VM may have several UARTs)
 */
 int l_vm_serial(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  Serial *s = &vm->serial;
   lua_settop(L, 2);
   if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (s->enabled) return luaL_error(L, "vm:serial: the UART is already set up");
   /* unknown keys are typos */
   lua_pushnil(L);
   while (lua_next(L, 2)) {
@@ -450,77 +462,25 @@ int l_vm_serial(lua_State *L) {
   }
   uint64_t port = (uint64_t)int_field(L, 2, "port", 0x3f8, 0, 0xfff8, "0..0xfff8");
   int irq = (int)int_field(L, 2, "irq", 4, 0, 23, "0..23");
+  luaL_Stream *in = input_arg(L);        /* -> stack slot 3 */
 
-  /* output -> stack slot 3 */
-  int out_kind;
-  switch (lua_getfield(L, 2, "output")) {
-  case LUA_TNIL:
-    lua_pop(L, 1);
-    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-    lua_getfield(L, -1, "io");
-    if (!lua_istable(L, -1))
-      return luaL_error(L, "vm:serial: no 'output' given and the io library is not loaded");
-    lua_getfield(L, -1, "stdout");
-    lua_replace(L, -3);
-    lua_pop(L, 1);
-    if (open_file_arg(L, -1, "io.stdout") == NULL)
-      return luaL_error(L, "vm:serial: io.stdout is not a file");
-    out_kind = OUT_FILE;
-    break;
-  case LUA_TBOOLEAN:
-    if (lua_toboolean(L, -1))
-      return luaL_error(L, "vm:serial: 'output' must be a file, a function or false");
-    lua_pop(L, 1);
-    lua_pushnil(L);
-    out_kind = OUT_NONE;
-    break;
-  case LUA_TFUNCTION:
-    out_kind = OUT_FUNC;
-    break;
-  default:
-    if (open_file_arg(L, -1, "output") == NULL)
-      return luaL_error(L, "vm:serial: 'output' must be a file, a function or false, got %s",
-                        luaL_typename(L, -1));
-    out_kind = OUT_FILE;
-  }
-
-  /* input -> stack slot 4 */
-  luaL_Stream *in = NULL;
-  int in_fd = -1;
-  if (lua_getfield(L, 2, "input") != LUA_TNIL) {
-    in = open_file_arg(L, -1, "input");
-    if (in == NULL)
-      return luaL_error(L, "vm:serial: 'input' must be a file, got %s", luaL_typename(L, -1));
-    in_fd = fileno(in->f);
-    if (in_fd < 0) return luaL_error(L, "vm:serial: 'input' has no file descriptor");
-  }
-
-  kvm_claim(L, vm, 0, port, port + 7, H_SERIAL, 0, s);   /* raises when taken */
-
-  lua_getiuservalue(L, 1, 1);
-  lua_pushvalue(L, 3);
-  lua_setfield(L, -2, "serial_out");
-  lua_pushvalue(L, 4);
-  lua_setfield(L, -2, "serial_in");
-  lua_pop(L, 1);
-
-  if (vm->has_irqchip && s->irq_level && vm->fd >= 0) {   /* lower a stale line */
-    struct kvm_irq_level il;
-    memset(&il, 0, sizeof il);
-    il.irq = (uint32_t)s->irq;
-    (void)ioctl(vm->fd, KVM_IRQ_LINE, &il);
-  }
-  s->irq_level = 0;
+  char buf[128];
+  const char *clash = bus_clash(&vm->pio, 0, port, port + 7, buf, sizeof buf);
+  if (clash) return luaL_error(L, "%s", clash);
+  if (vm->ndevs >= KVM_MAX_DEVICES) return luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+  Sink out;                              /* raises on a bad output, before anything changed */
+  sink_open(L, &out, 2, "output", "vm:serial");
+  Uart *s = kvm_device_new(L, 1, sizeof(Uart), &uart_ops);
+  s->out.kind = out.kind;
+  s->out.ref = out.ref;
   s->port = (uint16_t)port;
   s->irq = irq;
-  s->out_kind = out_kind;
-  s->in_fd = in_fd;
+  s->in_ref = in ? kvm_vm_ref(L, 1, 3) : 0;
   s->in_stream = in;
-  s->in_eof = 0;
-  s->tty_saved = 0;
-  s->tx_bytes = s->rx_bytes = s->tx_dropped = s->rx_overruns = 0;
-  serial_reset(s);
-  s->enabled = 1;
+  s->in_fd = in ? fileno(in->f) : -1;
+  s->dev.tick_ns = (in || out.kind != SINK_NONE) ? UART_TICK_NS : 0;
+  uart_reset(s);
+  bus_claim(L, &vm->pio, 0, port, port + 7, &s->dev);
   lua_pushvalue(L, 1);
   return 1;
 }

@@ -1,0 +1,81 @@
+/*
+** debugcon.c - the debug console of Bochs and QEMU (-debugcon): a port,
+** 0xe9 by default, where every byte the guest writes is output, with no
+** UART to program. Firmware and early boot code print there (SeaBIOS,
+** Linux's earlyprintk=... does not, but a bare-metal guest can in one
+** instruction). Reads return the port's number (0xe9), which is how a
+** guest detects it.
+*/
+
+/*** vm:debugcon, below, is a method of kvm.vm.
+@classmod kvm.vm
+*/
+#include "sink.h"
+
+#define DEBUGCON_TICK_NS 10000000u
+
+typedef struct Debugcon {
+  Device dev;
+  uint16_t port;
+  Sink out;
+} Debugcon;
+
+static int debugcon_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
+                           uint8_t *data) {
+  Debugcon *dc = (Debugcon *)d;
+  for (unsigned i = 0; i < size; i++) {
+    if (is_write) sink_put(&dc->out, data[i]);
+    else data[i] = (uint8_t)dc->port;
+  }
+  return dc->out.want ? sink_flush(&dc->out, bc) : BUS_OK;
+}
+
+static int debugcon_flush(Device *d, BusCall *bc) {
+  return sink_flush(&((Debugcon *)d)->out, bc);
+}
+
+static void debugcon_stats(Device *d, lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)((Debugcon *)d)->out.bytes);
+  lua_setfield(L, -2, "debugcon_tx");
+}
+
+static const DeviceOps debugcon_ops = {
+  .kind = "debugcon",
+  .access = debugcon_access,
+  .tick = debugcon_flush,        /* output without a newline, while the guest runs */
+  .flush = debugcon_flush,
+  .stats = debugcon_stats,
+};
+
+/*** Claim a debug console port: what the guest writes there goes to
+`output`, like a UART's, without a UART to program.
+@function vm:debugcon
+@tparam[opt] table opts `port` (default 0xe9), `output` (a file, default
+  io.stdout, a function(bytes), or false)
+@treturn kvm.vm the VM
+*/
+int l_vm_debugcon(lua_State *L) {
+  Vm *vm = kvm_checkvm(L, 1);
+  lua_settop(L, 2);
+  if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_getfield(L, 2, "port");
+  int ok = 1;
+  lua_Integer port = lua_isnil(L, -1) ? 0xe9 : lua_tointegerx(L, -1, &ok);
+  if (!ok || port < 0 || port > 0xffff) return luaL_error(L, "vm:debugcon: 'port' must be a port in 0..0xffff");
+  lua_pop(L, 1);
+  char buf[128];
+  const char *clash = bus_clash(&vm->pio, 0, (uint64_t)port, (uint64_t)port, buf, sizeof buf);
+  if (clash) return luaL_error(L, "vm:debugcon: %s", clash);
+  if (vm->ndevs >= KVM_MAX_DEVICES) return luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+  Sink out;
+  sink_open(L, &out, 2, "output", "vm:debugcon");
+  Debugcon *dc = kvm_device_new(L, 1, sizeof(Debugcon), &debugcon_ops);
+  dc->port = (uint16_t)port;
+  dc->out.kind = out.kind;
+  dc->out.ref = out.ref;
+  dc->dev.tick_ns = out.kind != SINK_NONE ? DEBUGCON_TICK_NS : 0;
+  bus_claim(L, &vm->pio, 0, (uint64_t)port, (uint64_t)port, &dc->dev);
+  lua_pushvalue(L, 1);
+  return 1;
+}

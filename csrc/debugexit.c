@@ -1,0 +1,55 @@
+/*
+** debugexit.c - a debug-exit port: a guest write of a byte ends run() with
+** reason "debug_exit" and the byte as e.code (as QEMU's isa-debug-exit,
+** without its (code << 1) | 1 exit status). Reads see all ones.
+*/
+
+/*** vm:debug_exit, below, is a method of kvm.vm.
+@classmod kvm.vm
+*/
+#include <string.h>
+
+#include "luakvm.h"
+
+typedef struct DebugExit {
+  Device dev;
+  uint16_t port;
+} DebugExit;
+
+static int debugexit_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
+                            uint8_t *data) {
+  if (!is_write) {
+    memset(data, 0xff, size);
+    return BUS_OK;
+  }
+  if (bc->why == NULL) {         /* the first byte of a string write */
+    bc->why = "debug_exit";
+    bc->code = data[0];
+  }
+  return BUS_STOP;
+}
+
+static const DeviceOps debugexit_ops = {
+  .kind = "debug_exit",
+  .access = debugexit_access,
+};
+
+/*** Claim a debug-exit port: a guest write of a byte makes run() return
+reason "debug_exit" with e.code.
+@function vm:debug_exit
+@tparam[opt=0x501] integer port
+@treturn kvm.vm the VM
+*/
+int l_vm_debug_exit(lua_State *L) {
+  Vm *vm = kvm_checkvm(L, 1);
+  uint64_t port = (uint64_t)luaL_optinteger(L, 2, 0x501);
+  luaL_argcheck(L, port <= 0xffff, 2, "port out of range");
+  char buf[128];
+  const char *clash = bus_clash(&vm->pio, 0, port, port, buf, sizeof buf);
+  if (clash) return luaL_error(L, "%s", clash);
+  DebugExit *x = kvm_device_new(L, 1, sizeof(DebugExit), &debugexit_ops);
+  x->port = (uint16_t)port;
+  bus_claim(L, &vm->pio, 0, port, port, &x->dev);
+  lua_settop(L, 1);
+  return 1;
+}

@@ -1,0 +1,116 @@
+/*
+** power.c - ACPI fixed-hardware power management: the PM1a event block
+** (status and enable, 16 bits each) and the PM1a control block (16 bits) on
+** the ports the FADT names (kvm.acpi). A write with SLP_EN (bit 13) enters
+** the sleep state SLP_TYP (bits 10-12); the DSDT's \_S5 names the type of a
+** power off, which ends run() with reason "poweroff". Other sleep states are
+** counted and ignored (the guest goes on). Control reads back SCI_EN (bit 0)
+** set: there is no SMI_CMD, ACPI is always on. Status bits are write-one-to-
+** clear; nothing sets them yet (no power button, PM timer or SCI).
+*/
+
+/*** vm:power, below, is a method of kvm.vm.
+@classmod kvm.vm
+*/
+#include <string.h>
+
+#include "luakvm.h"
+
+#define SCI_EN 0x0001
+#define SLP_EN 0x2000
+
+typedef struct Power {
+  Device dev;
+  uint16_t evt, cnt;             /* the blocks' ports */
+  int s5;                        /* SLP_TYP of a power off */
+  uint16_t sts, en, ctl;         /* PM1a_STS, PM1a_EN, PM1a_CNT */
+  uint64_t sleeps;               /* sleep requests seen (S5 included) */
+} Power;
+
+/* the register and byte at port p, or NULL */
+static uint16_t *reg_at(Power *pw, uint16_t p, unsigned *byte) {
+  if (p >= pw->evt && p < pw->evt + 2) { *byte = p - pw->evt; return &pw->sts; }
+  if (p >= pw->evt + 2 && p < pw->evt + 4) { *byte = p - pw->evt - 2u; return &pw->en; }
+  if (p >= pw->cnt && p < pw->cnt + 2) { *byte = p - pw->cnt; return &pw->ctl; }
+  return NULL;
+}
+
+/* one byte written to register r; 1 when it set SLP_EN */
+static int write_byte(Power *pw, uint16_t *r, unsigned byte, uint8_t v) {
+  uint16_t shifted = (uint16_t)(v << (8 * byte));
+  if (r == &pw->sts) { pw->sts &= (uint16_t)~shifted; return 0; }   /* write one to clear */
+  *r = (uint16_t)((*r & ~(0xff << (8 * byte))) | shifted);
+  return r == &pw->ctl && byte == 1 && (pw->ctl & SLP_EN);
+}
+
+static int power_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
+                        uint8_t *data) {
+  Power *pw = (Power *)d;
+  int sleep = 0;
+  for (unsigned i = 0; i < size; i++) {      /* byte by byte, as on a PC's I/O bus */
+    unsigned byte;
+    uint16_t *r = reg_at(pw, (uint16_t)(addr + i), &byte);
+    if (!is_write) data[i] = r ? (uint8_t)(*r >> (8 * byte)) : 0xff;
+    else if (r) sleep |= write_byte(pw, r, byte, data[i]);
+  }
+  pw->ctl |= SCI_EN;
+  if (!sleep) return BUS_OK;
+  pw->ctl &= (uint16_t)~SLP_EN;              /* SLP_EN reads as 0 */
+  pw->sleeps++;
+  if (((pw->ctl >> 10) & 7) != pw->s5) return BUS_OK;
+  bc->why = "poweroff";
+  return BUS_STOP;
+}
+
+static void power_stats(Device *d, lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)((Power *)d)->sleeps);
+  lua_setfield(L, -2, "sleep_requests");
+}
+
+static const DeviceOps power_ops = {
+  .kind = "power",
+  .access = power_access,
+  .stats = power_stats,
+};
+
+static lua_Integer opt_int(lua_State *L, const char *k, lua_Integer dflt, lua_Integer max) {
+  lua_getfield(L, 2, k);
+  int ok = 1;
+  lua_Integer v = lua_isnil(L, -1) ? dflt : lua_tointegerx(L, -1, &ok);
+  if (!ok || v < 0 || v > max) luaL_error(L, "vm:power: '%s' must be an integer in 0..%d", k, (int)max);
+  lua_pop(L, 1);
+  return v;
+}
+
+/*** Claim the ACPI PM1a event block (4 ports at `evt`) and control block
+(2 ports at `cnt`): the guest's S5 (`poweroff`) ends run() with reason
+"poweroff". kvm.acpi's FADT names the same ports.
+@function vm:power
+@tparam[opt] table opts `evt` (default 0x600), `cnt` (default 0x604),
+  `s5` (the SLP_TYP of \_S5, default 5)
+@treturn kvm.vm the VM
+*/
+int l_vm_power(lua_State *L) {
+  Vm *vm = kvm_checkvm(L, 1);
+  lua_settop(L, 2);
+  if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
+  luaL_checktype(L, 2, LUA_TTABLE);
+  uint16_t evt = (uint16_t)opt_int(L, "evt", 0x600, 0xfffc);
+  uint16_t cnt = (uint16_t)opt_int(L, "cnt", 0x604, 0xfffe);
+  lua_Integer s5 = opt_int(L, "s5", 5, 7);
+  char buf[128];
+  const char *clash = bus_clash(&vm->pio, 0, evt, evt + 3u, buf, sizeof buf);
+  if (!clash) clash = bus_clash(&vm->pio, 0, cnt, cnt + 1u, buf, sizeof buf);
+  if (!clash && evt <= cnt + 1u && cnt <= evt + 3u) clash = "the event and control blocks overlap";
+  if (!clash && vm->ndevs >= KVM_MAX_DEVICES) clash = "too many devices";
+  if (clash) return luaL_error(L, "vm:power: %s", clash);
+  Power *pw = kvm_device_new(L, 1, sizeof(Power), &power_ops);
+  pw->evt = evt;
+  pw->cnt = cnt;
+  pw->s5 = (int)s5;
+  pw->ctl = SCI_EN;
+  bus_claim(L, &vm->pio, 0, evt, evt + 3u, &pw->dev);
+  bus_claim(L, &vm->pio, 0, cnt, cnt + 1u, &pw->dev);
+  lua_pushvalue(L, 1);
+  return 1;
+}
