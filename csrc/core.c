@@ -266,6 +266,25 @@ static int l_now(lua_State *L) {
 
 /* kvm.STOP, kvm.POWEROFF, kvm.RESET: what a handler returns to end run()
    with that reason (kvm_stop_reasons[i + 1]) */
+void kvm_opt_table(lua_State *L, int idx) {
+  lua_settop(L, idx);
+  if (lua_isnil(L, idx)) { lua_newtable(L); lua_replace(L, idx); }
+  luaL_checktype(L, idx, LUA_TTABLE);
+}
+
+void kvm_new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                   const luaL_Reg *meta) {
+  luaL_newmetatable(L, name);
+  luaL_setfuncs(L, meta, 0);
+  /* with an __index function of its own, the class finds methods under "methods" */
+  int has_index = lua_getfield(L, -1, "__index") != LUA_TNIL;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, has_index ? "methods" : "__index");
+  lua_pop(L, 1);
+}
+
 int kvm_stop_keys[3];
 const char *const kvm_stop_reasons[] = {"none", "stopped", "poweroff", "reset", NULL};
 

@@ -56,9 +56,7 @@ static const DeviceOps debugcon_ops = {
 */
 int l_vm_debugcon(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  lua_settop(L, 2);
-  if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
-  luaL_checktype(L, 2, LUA_TTABLE);
+  kvm_opt_table(L, 2);
   lua_getfield(L, 2, "port");
   int ok = 1;
   lua_Integer port = lua_isnil(L, -1) ? 0xe9 : lua_tointegerx(L, -1, &ok);

@@ -306,10 +306,10 @@ static const luaL_Reg exit_methods[] = {
 };
 
 void kvm_open_exit(lua_State *L) {
-  luaL_newmetatable(L, EXIT_MT);
-  luaL_newlib(L, exit_methods);
-  lua_setfield(L, -2, "methods");
-  lua_pushcfunction(L, l_exit_index); lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_exit_tostring); lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {
+    {"__index", l_exit_index},
+    {"__tostring", l_exit_tostring},
+    {NULL, NULL}
+  };
+  kvm_new_class(L, EXIT_MT, exit_methods, meta);
 }

@@ -91,6 +91,11 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg);
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
 
 int kvm_checkcap(lua_State *L, int arg);
+/* an options table at idx, the top: {} for nil or none, raise for a non-table */
+void kvm_opt_table(lua_State *L, int idx);
+/* the metatable `name` with the metamethods `meta`; `methods` are its
+   __index, or under "methods" when meta has an __index function */
+void kvm_new_class(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta);
 const char *kvm_pushhex(lua_State *L, uint64_t v);     /* pushes "0x1f", returns it */
 void kvm_push_cpuid(lua_State *L, const struct kvm_cpuid_entry2 *e, int n);
 extern int kvm_stop_keys[3];            /* kvm.STOP, kvm.POWEROFF, kvm.RESET */

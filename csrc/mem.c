@@ -385,12 +385,12 @@ static const luaL_Reg mem_methods[] = {
 };
 
 void kvm_open_memory(lua_State *L) {
-  luaL_newmetatable(L, MEMORY_MT);
-  luaL_newlib(L, mem_methods);
-  lua_setfield(L, -2, "methods");
-  lua_pushcfunction(L, l_mem_index); lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_mem_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_mem_close); lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_mem_tostring); lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {
+    {"__index", l_mem_index},
+    {"__gc", l_mem_gc},
+    {"__close", l_mem_close},
+    {"__tostring", l_mem_tostring},
+    {NULL, NULL}
+  };
+  kvm_new_class(L, MEMORY_MT, mem_methods, meta);
 }

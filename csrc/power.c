@@ -92,9 +92,7 @@ static lua_Integer opt_int(lua_State *L, const char *k, lua_Integer dflt, lua_In
 */
 int l_vm_power(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  lua_settop(L, 2);
-  if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
-  luaL_checktype(L, 2, LUA_TTABLE);
+  kvm_opt_table(L, 2);
   uint16_t evt = (uint16_t)opt_int(L, "evt", 0x600, 0xfffc);
   uint16_t cnt = (uint16_t)opt_int(L, "cnt", 0x604, 0xfffe);
   lua_Integer s5 = opt_int(L, "s5", 5, 7);

@@ -446,9 +446,7 @@ runs and restored afterwards.
 */
 int l_vm_serial(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
-  lua_settop(L, 2);
-  if (lua_isnil(L, 2)) { lua_newtable(L); lua_replace(L, 2); }
-  luaL_checktype(L, 2, LUA_TTABLE);
+  kvm_opt_table(L, 2);
   /* unknown keys are typos */
   lua_pushnil(L);
   while (lua_next(L, 2)) {

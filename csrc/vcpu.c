@@ -171,6 +171,27 @@ static int set_field(lua_State *L, void *base, const Field *f, const char *k, co
   return set_field_as(L, base, f, k, k, ctx);
 }
 
+/* Every key of the table at t: fn(L, key, ud) with the value on the stack
+   top (key NULL when it is not a string) returns 0 for an unknown key, which
+   raises `bad` formatted with the key and `what`. */
+typedef int (*KeyFn)(lua_State *L, const char *k, void *ud);
+static void each_key(lua_State *L, int t, KeyFn fn, void *ud, const char *bad, const char *what) {
+  t = lua_absindex(L, t);
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+    if (!fn(L, k, ud)) luaL_error(L, bad, luaL_tolstring(L, -2, NULL), what);
+    lua_pop(L, 1);
+  }
+}
+
+/* a struct and the fields of it a table may set */
+typedef struct Fields { void *base; const Field *f; const char *ctx; } Fields;
+static int set_one(lua_State *L, const char *k, void *ud) {
+  Fields *fs = ud;
+  return k && set_field(L, fs->base, fs->f, k, fs->ctx);
+}
+
 static const Field regs_fields[] = {
   F(struct kvm_regs, rax), F(struct kvm_regs, rbx), F(struct kvm_regs, rcx),
   F(struct kvm_regs, rdx), F(struct kvm_regs, rsi), F(struct kvm_regs, rdi),
@@ -201,14 +222,8 @@ static int l_vcpu_set_regs(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_regs r;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0) return kvm_fail(L, "KVM_GET_REGS");
-  lua_pushnil(L);
-  while (lua_next(L, 2)) {
-    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-    if (k == NULL || !set_field(L, &r, regs_fields, k, "registers"))
-      return luaL_error(L, "bad key '%s' in registers (unknown register)",
-                        luaL_tolstring(L, -2, NULL));
-    lua_pop(L, 1);
-  }
+  Fields fs = {&r, regs_fields, "registers"};
+  each_key(L, 2, set_one, &fs, "bad key '%s' in registers (unknown register)", NULL);
   if (ioctl(c->fd, KVM_SET_REGS, &r) < 0) return kvm_fail(L, "KVM_SET_REGS");
   lua_pushboolean(L, 1);
   return 1;
@@ -262,38 +277,27 @@ static int l_vcpu_sregs(lua_State *L) {
 fields given (KVM_SET_SREGS).
 @function vcpu:set_sregs
 */
+/* a key of set_sregs: a segment or table register (a table of fields), or a scalar */
+static int set_sreg(lua_State *L, const char *k, void *ud) {
+  struct kvm_sregs *s = ud;
+  if (k == NULL) return 0;
+  for (int i = 0; sregs_parts[i].name; i++) {
+    if (strcmp(k, sregs_parts[i].name)) continue;
+    if (!lua_istable(L, -1))
+      luaL_error(L, "bad key '%s' in special registers (table expected, got %s)", k, luaL_typename(L, -1));
+    Fields fs = {(char *)s + sregs_parts[i].off, sregs_parts[i].dt ? dt_fields : seg_fields, k};
+    each_key(L, -1, set_one, &fs, "bad field '%s' in %s (unknown field)", k);
+    return 1;
+  }
+  return set_field(L, s, sregs_scalars, k, "special registers");
+}
+
 static int l_vcpu_set_sregs(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_sregs s;
   if (ioctl(c->fd, KVM_GET_SREGS, &s) < 0) return kvm_fail(L, "KVM_GET_SREGS");
-  lua_pushnil(L);
-  while (lua_next(L, 2)) {
-    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-    int done = 0;
-    if (k) {
-      for (int i = 0; !done && sregs_parts[i].name; i++) {
-        if (strcmp(k, sregs_parts[i].name)) continue;
-        if (!lua_istable(L, -1))
-          luaL_error(L, "bad key '%s' in special registers (table expected, got %s)", k,
-                     luaL_typename(L, -1));
-        lua_pushnil(L);
-        while (lua_next(L, -2)) {
-          const char *fk = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-          if (fk == NULL || !set_field(L, (char *)&s + sregs_parts[i].off,
-                                       sregs_parts[i].dt ? dt_fields : seg_fields, fk, k))
-            luaL_error(L, "bad field '%s' in %s (unknown field)", luaL_tolstring(L, -2, NULL), k);
-          lua_pop(L, 1);
-        }
-        done = 1;
-      }
-      if (!done) done = set_field(L, &s, sregs_scalars, k, "special registers");
-    }
-    if (!done)
-      return luaL_error(L, "bad key '%s' in special registers (unknown register)",
-                        luaL_tolstring(L, -2, NULL));
-    lua_pop(L, 1);
-  }
+  each_key(L, 2, set_sreg, &s, "bad key '%s' in special registers (unknown register)", NULL);
   if (ioctl(c->fd, KVM_SET_SREGS, &s) < 0) return kvm_fail(L, "KVM_SET_SREGS");
   lua_pushboolean(L, 1);
   return 1;
@@ -467,43 +471,48 @@ static int l_vcpu_events(lua_State *L) {
 Only the given fields change (KVM_SET_VCPU_EVENTS).
 @function vcpu:set_events
 */
+typedef struct EvKey { struct kvm_vcpu_events *e; int part; } EvKey;
+
+/* a field of one part of the events; some set a validity flag */
+static int set_event_field(lua_State *L, const char *fk, void *ud) {
+  EvKey *x = ud;
+  char full[64];
+  if (fk == NULL) return 0;
+  snprintf(full, sizeof full, "%s.%s", ev_parts[x->part].name, fk);
+  if (!set_field_as(L, x->e, ev_parts[x->part].f, full, fk, ev_parts[x->part].name)) return 0;
+  if (x->part == 2 && strcmp(fk, "pending") == 0) x->e->flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
+  if (x->part == 1 && strcmp(fk, "shadow") == 0) x->e->flags |= KVM_VCPUEVENT_VALID_SHADOW;
+  return 1;
+}
+
+static int set_event(lua_State *L, const char *k, void *ud) {
+  struct kvm_vcpu_events *e = ud;
+  if (k == NULL) return 0;
+  if (strcmp(k, "sipi_vector") == 0) {
+    int ok;
+    lua_Integer v = lua_tointegerx(L, -1, &ok);
+    if (!ok || v < 0 || v > 0xffffffffLL)
+      luaL_error(L, "bad field 'sipi_vector' in events (integer expected, got %s)", luaL_typename(L, -1));
+    e->sipi_vector = (uint32_t)v;
+    e->flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    return 1;
+  }
+  for (int i = 0; ev_parts[i].name; i++) {
+    if (strcmp(k, ev_parts[i].name) || !lua_istable(L, -1)) continue;
+    EvKey x = {e, i};
+    each_key(L, -1, set_event_field, &x, "bad field '%s' in %s (unknown field)", k);
+    return 1;
+  }
+  return 0;
+}
+
 static int l_vcpu_set_events(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_GET_VCPU_EVENTS");
   e.flags = 0;
-  lua_pushnil(L);
-  while (lua_next(L, 2)) {
-    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
-    int part = -1;
-    for (int i = 0; ev_parts[i].name; i++)
-      if (strcmp(k, ev_parts[i].name) == 0) part = i;
-    if (strcmp(k, "sipi_vector") == 0) {
-      int ok;
-      lua_Integer v = lua_tointegerx(L, -1, &ok);
-      if (!ok || v < 0 || v > 0xffffffffLL)
-        return luaL_error(L, "bad field 'sipi_vector' in events (integer expected, got %s)",
-                          luaL_typename(L, -1));
-      e.sipi_vector = (uint32_t)v;
-      e.flags |= KVM_VCPUEVENT_VALID_SIPI_VECTOR;
-    } else if (part < 0 || !lua_istable(L, -1)) {
-      return luaL_error(L, "bad key '%s' in events", k);
-    } else {
-      lua_pushnil(L);
-      while (lua_next(L, -2)) {
-        const char *fk = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "?";
-        char full[64];
-        snprintf(full, sizeof full, "%s.%s", ev_parts[part].name, fk);
-        if (!set_field_as(L, &e, ev_parts[part].f, full, fk, k))
-          luaL_error(L, "bad field '%s' in %s (unknown field)", fk, k);
-        if (part == 2 && strcmp(fk, "pending") == 0) e.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING;
-        if (part == 1 && strcmp(fk, "shadow") == 0) e.flags |= KVM_VCPUEVENT_VALID_SHADOW;
-        lua_pop(L, 1);
-      }
-    }
-    lua_pop(L, 1);
-  }
+  each_key(L, 2, set_event, &e, "bad key '%s' in events", NULL);
   if (ioctl(c->fd, KVM_SET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_SET_VCPU_EVENTS");
   lua_pushboolean(L, 1);
   return 1;
@@ -555,6 +564,14 @@ static void set_blocks(lua_State *L, uint8_t (*dst)[16], int n, const char *name
   }
 }
 
+static int set_fpu_key(lua_State *L, const char *k, void *ud) {
+  struct kvm_fpu *f = ud;
+  if (k && strcmp(k, "fpr") == 0 && lua_istable(L, -1)) set_blocks(L, f->fpr, 8, k);
+  else if (k && strcmp(k, "xmm") == 0 && lua_istable(L, -1)) set_blocks(L, f->xmm, 16, k);
+  else return k && set_field(L, f, fpu_fields, k, "fpu");
+  return 1;
+}
+
 /*** Set x87/SSE state; only the keys given change (KVM_SET_FPU).
 @function vcpu:set_fpu
 */
@@ -563,15 +580,7 @@ static int l_vcpu_set_fpu(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_fpu f;
   if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
-  lua_pushnil(L);
-  while (lua_next(L, 2)) {
-    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-    if (k && strcmp(k, "fpr") == 0 && lua_istable(L, -1)) set_blocks(L, f.fpr, 8, k);
-    else if (k && strcmp(k, "xmm") == 0 && lua_istable(L, -1)) set_blocks(L, f.xmm, 16, k);
-    else if (k == NULL || !set_field(L, &f, fpu_fields, k, "fpu"))
-      return luaL_error(L, "bad key '%s' in fpu (unknown field)", luaL_tolstring(L, -2, NULL));
-    lua_pop(L, 1);
-  }
+  each_key(L, 2, set_fpu_key, &f, "bad key '%s' in fpu (unknown field)", NULL);
   if (ioctl(c->fd, KVM_SET_FPU, &f) < 0) return kvm_fail(L, "KVM_SET_FPU");
   lua_pushboolean(L, 1);
   return 1;
@@ -650,12 +659,12 @@ static int l_vcpu_index(lua_State *L) {
 }
 
 void kvm_open_vcpu(lua_State *L) {
-  luaL_newmetatable(L, VCPU_MT);
-  luaL_newlib(L, vcpu_methods);
-  lua_setfield(L, -2, "methods");
-  lua_pushcfunction(L, l_vcpu_index); lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_vcpu_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_vcpu_close); lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_vcpu_tostring); lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {
+    {"__index", l_vcpu_index},
+    {"__gc", l_vcpu_gc},
+    {"__close", l_vcpu_close},
+    {"__tostring", l_vcpu_tostring},
+    {NULL, NULL}
+  };
+  kvm_new_class(L, VCPU_MT, vcpu_methods, meta);
 }

@@ -355,12 +355,11 @@ static const luaL_Reg vm_methods[] = {
 };
 
 void kvm_open_vm(lua_State *L) {
-  luaL_newmetatable(L, VM_MT);
-  luaL_newlib(L, vm_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_vm_gc); lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, l_vm_close); lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, l_vm_tostring); lua_setfield(L, -2, "__tostring");
-  lua_pushliteral(L, VM_MT); lua_setfield(L, -2, "__name");
-  lua_pop(L, 1);
+  static const luaL_Reg meta[] = {
+    {"__gc", l_vm_gc},
+    {"__close", l_vm_close},
+    {"__tostring", l_vm_tostring},
+    {NULL, NULL}
+  };
+  kvm_new_class(L, VM_MT, vm_methods, meta);
 }
