@@ -551,10 +551,18 @@ local function steps_for(user)
   return list
 end
 
--- Closes the VM it holds when it goes out of scope, unless released: a
--- to-be-closed guard rather than `local vm <close>`, so that anything with a
--- close method works (spec/fuzz wraps kvm.vm()).
-local Guard = { __close = function(g) if g.vm then g.vm:close() end end }
+-- A to-be-closed guard over a ctx: when it goes out of scope unreleased (a
+-- step failed or raised) it closes what the steps made, the vCPU and the
+-- memory regions (each holds its own fd or mapping), then the VM. A guard
+-- rather than `local vm <close>`: the objects only need a close method
+-- (spec/fuzz wraps kvm.vm()), and the vCPU and memory close too.
+local Guard = { __close = function(g)
+  local ctx = g.ctx
+  if not ctx then return end
+  if ctx.cpu then ctx.cpu:close() end
+  for i = #ctx.ram, 1, -1 do ctx.ram[i]:close() end
+  ctx.vm:close()
+end }
 
 --- Create the VM and run the steps that put `plan` into it.
 -- When a step fails (nil, message) or raises, or `kvm.vm()` fails, the VM is
@@ -574,22 +582,23 @@ local Guard = { __close = function(g) if g.vm then g.vm:close() end end }
 function linux.apply(plan, steps)
   if type(plan) ~= "table" then error("linux.apply: plan table expected", 2) end
   local list = steps_for(steps)
-  local vm, err = kvm.vm()
-  if not vm then return nil, err end
-  local guard <close> = setmetatable({ vm = vm }, Guard)
   local ctx = {
-    vm = vm, ram = {}, layout = plan.layout, e820 = e820.from_entries(plan.e820),
+    ram = {}, layout = plan.layout, e820 = e820.from_entries(plan.e820),
     cmdline = plan.cmdline, entry = plan.entry, kind = plan.kind, kernel = copy(plan.kernel),
     initrd = plan.initrd and copy(plan.initrd) or nil, profile = plan.profile,
     acpi = plan.acpi or nil, power = {}, plan = plan,
   }
+  local vm, err = kvm.vm()
+  if not vm then return nil, err end
+  ctx.vm = vm                               -- nothing between here and the guard raises
+  local guard <close> = setmetatable({ ctx = ctx }, Guard)
   for _, step in ipairs(list) do
     local ok, serr = step.fn(ctx, plan)
     if ok == false or (ok == nil and serr ~= nil) then
       return nil, serr or ("linux.apply: step '" .. step.name .. "' failed")
     end
   end
-  guard.vm = nil                            -- the caller's now
+  guard.ctx = nil                           -- the caller's now
   return ctx
 end
 
