@@ -197,16 +197,19 @@ end
 local function check_opts(opts)
   if type(opts) ~= "table" then error("linux.plan: options table expected", 3) end
   if type(opts.kernel) ~= "string" then error("linux.plan: 'kernel' (a path) is required", 3) end
-  local ram = opts.ram
-  local memory = opts.memory
-  if ram ~= nil then
-    if type(ram) ~= "table" or #ram == 0 then error("linux.plan: 'ram' must be a list of {guest=, size=}", 3) end
+  local ram, memory = nil, opts.memory
+  if opts.ram ~= nil then
+    if type(opts.ram) ~= "table" or #opts.ram == 0 then
+      error("linux.plan: 'ram' must be a list of {guest=, size=}", 3)
+    end
     local sum = 0
-    for i, r in ipairs(ram) do
+    ram = {}                                -- the plan's own copy
+    for i, r in ipairs(opts.ram) do
       if type(r) ~= "table" or math.type(r.guest) ~= "integer" or math.type(r.size) ~= "integer"
          or r.size <= 0 then
         error(fmt("linux.plan: ram[%d] must be {guest = integer, size = integer > 0}", i), 3)
       end
+      ram[i] = { guest = r.guest, size = r.size }
       sum = sum + r.size
     end
     if ram[1].guest ~= 0 then error("linux.plan: ram[1] must start at guest address 0", 3) end
@@ -367,7 +370,10 @@ local function plan_cpu(p, opts)
 end
 
 --- Everything a boot needs that needs no VM, as data: the files are probed
--- and the layout checked here, so `apply` only builds.
+-- and the layout checked here, so `apply` only builds. `apply` takes the plan
+-- as it is: a field derived from another (the e820 map and `ranges` from
+-- `ram` and `layout`, the zero page from the placements) is not worked out
+-- again, so change both, or give `ram` and `layout` to `plan`.
 -- @tparam table opts as `linux.boot` (`steps` is `apply`'s); also `ram` (a
 --   list of `{guest=, size=}`, the first at 0: the memory slots, and RAM in
 --   the e820 map; default `linux.ram_regions(memory)`, and `memory` defaults to
