@@ -44,6 +44,7 @@ build = {
     ["kvm.acpi"] = "lua/kvm/acpi.lua",
     ["kvm.pm"] = "lua/kvm/pm.lua",
     ["kvm.cpuid"] = "lua/kvm/cpuid.lua",
+    ["kvm.cli"] = "lua/kvm/cli.lua",
   },
   install = {
     bin = { ["kvm-boot"] = "examples/boot_linux.lua" },

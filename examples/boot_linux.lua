@@ -25,6 +25,7 @@ package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.pa
 package.cpath = root .. "/?.so;" .. package.cpath
 
 local linux = require "kvm.linux"
+local cli = require "kvm.cli"
 
 local function usage(msg)
   if msg then io.stderr:write("boot_linux: ", msg, "\n") end
@@ -33,57 +34,18 @@ local function usage(msg)
   os.exit(2)
 end
 
-local function parse_size(s)
-  local n, unit = tostring(s):match("^(%d+)([KkMmGg]?)$")
-  if not n then return nil end
-  local shift = ({ [""] = 0, k = 10, K = 10, m = 20, M = 20, g = 30, G = 30 })[unit]
-  return math.tointeger(n) << shift
-end
-
-local opts = { output = io.stdout }
-local status = false
-local i = 1
-while i <= #arg do
-  local a = arg[i]
-  local function value()
-    i = i + 1
-    if arg[i] == nil then usage(a .. " needs a value") end
-    return arg[i]
-  end
-  if a == "--initrd" then opts.initrd = value()
-  elseif a == "--mem" then
-    opts.memory = parse_size(value()) or usage("--mem: a size like 256M expected")
-  elseif a == "--cmdline" then opts.cmdline = value()
-  elseif a == "--append" then opts.append = value()
-  elseif a == "--timeout" then opts.timeout = tonumber(value()) or usage("--timeout: seconds expected")
-  elseif a == "--status" then status = true
-  elseif a == "-h" or a == "--help" then usage()
-  elseif a:sub(1, 2) == "--" then usage("unknown option " .. a)
-  elseif not opts.kernel then opts.kernel = a
-  else usage("one kernel only") end
-  i = i + 1
-end
-if not opts.kernel then usage("no kernel given") end
+local args, bad = cli.parse(arg, { initrd = "string", mem = "size", cmdline = "string", append = "string",
+                                    timeout = "number", status = "flag" })
+if not args or args.help then usage(bad) end
+if not args[1] then usage("no kernel given") end
 
 -- the console: straight to the terminal, remembering the last lines for
 -- --status and for the report of a fatal exit
 local start = os.time()
-local last_line, last_lines, partial = "", {}, ""
-opts.output = function(bytes)
-  io.stdout:write(bytes)
-  io.stdout:flush()
-  partial = partial .. bytes
-  for line in partial:gmatch("([^\r\n]*)\r?\n") do
-    if line ~= "" then
-      last_line = line
-      last_lines[#last_lines + 1] = line
-      if #last_lines > 10 then table.remove(last_lines, 1) end
-    end
-  end
-  partial = partial:match("([^\n]*)$"):sub(-4096)
-end
--- keyboard input goes to the guest when stdin is a terminal or a pipe
-opts.input = io.stdin
+local console = cli.console{ echo = io.stdout }
+local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cmdline = args.cmdline,
+               append = args.append, timeout = args.timeout, output = console.output,
+               input = io.stdin }   -- keyboard input goes to the guest (a terminal or a pipe)
 
 local ctx, err = linux.setup(opts)
 if not ctx then
@@ -95,9 +57,9 @@ if ctx.profile then
 end
 ctx.log = function(msg) io.stderr:write("\r\nboot_linux: ", msg, "\r\n") end
 
-local e = linux.run(ctx, { timeout = opts.timeout, every = status and 5 or nil,
+local e = linux.run(ctx, { timeout = opts.timeout, every = args.status and 5 or nil,
   on_tick = function(_, elapsed)
-    io.stderr:write(string.format("\r\27[2K[boot_linux %4ds] %s\n", math.floor(elapsed), last_line:sub(1, 100)))
+    io.stderr:write(string.format("\r\27[2K[boot_linux %4ds] %s\n", math.floor(elapsed), console.last:sub(1, 100)))
   end })
 
 local elapsed = os.time() - start
@@ -118,7 +80,7 @@ local function report_fatal()
     io.stderr:write("boot_linux: code at RIP: ", code, "\n")
   end
   io.stderr:write("boot_linux: the console's last lines:\n")
-  for _, line in ipairs(last_lines) do io.stderr:write("  | ", line, "\n") end
+  for _, line in ipairs(console.lines) do io.stderr:write("  | ", line, "\n") end
 end
 
 -- the exit status says how the run ended

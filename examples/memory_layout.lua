@@ -1,12 +1,12 @@
 #!/usr/bin/env lua5.4
 --- memory_layout.lua: the Linux boot of examples/boot_linux.lua with a memory
--- layout of our own, made by replacing pieces of kvm.linux for this boot.
+-- layout of our own, given to kvm.linux's plan for this boot.
 --
 -- * Guest RAM in two KVM memory slots with a hole between them: 0-96 MiB and
---   128-224 MiB (linux.ram_regions is replaced; linux.e820_map builds the
---   map from it, so the kernel is told about the hole).
+--   128-224 MiB (`ram = {...}`: the plan makes one memory slot per region and
+--   builds its e820 map from them, so the kernel is told about the hole).
 -- * The zero page (struct boot_params) and the boot page tables moved from
---   their defaults (0x7000, 0x9000) with `layout = {...}`.
+--   their defaults (linux.DEFAULT_LAYOUT: 0x7000, 0x9000) with `layout = {...}`.
 --
 -- The script prints the slots and the e820 map it built, boots the kernel
 -- until it prints "Hypervisor detected" (stopping the vCPU from the console's
@@ -40,40 +40,23 @@ package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.pa
 package.cpath = root .. "/?.so;" .. package.cpath
 
 local linux = require "kvm.linux"
+local cli = require "kvm.cli"
 
 local MiB = 1 << 20
-local LOW_END = 96 * MiB       -- slot 0: [0, 96 MiB)
-local HIGH_START = 128 * MiB   -- slot 1: [128 MiB, 128 MiB + the rest)
-local MEMORY = 192 * MiB       -- RAM in total
+local RAM = { { guest = 0, size = 96 * MiB },               -- slot 0: [0, 96 MiB)
+              { guest = 128 * MiB, size = 96 * MiB } }      -- slot 1: [128 MiB, 224 MiB)
 local LAYOUT = { zero_page = 0x90000, page_tables = 0x80000 }
 
-local kernel, timeout = nil, 300
-local a = 1
-while a <= #arg do
-  if arg[a] == "--timeout" and tonumber(arg[a + 1]) then
-    timeout = tonumber(arg[a + 1])
-    a = a + 1
-  elseif arg[a]:sub(1, 1) ~= "-" and not kernel then
-    kernel = arg[a]
-  else
-    io.stderr:write("usage: lua5.4 examples/memory_layout.lua [KERNEL] [--timeout SECONDS]\n")
-    os.exit(2)
-  end
-  a = a + 1
-end
-kernel = kernel or root .. "/guest-kernel/vmlinux"
-local kf = io.open(kernel, "rb")
-if not kf then
-  io.stderr:write("memory_layout: ", kernel, " not found (run `make kernel`, or give a vmlinux)\n")
+local args, bad = cli.parse(arg, { timeout = "number" })
+if not args or args.help then
+  if bad then io.stderr:write("memory_layout: ", bad, "\n") end
+  io.stderr:write("usage: lua5.4 examples/memory_layout.lua [KERNEL] [--timeout SECONDS]\n")
   os.exit(2)
 end
-kf:close()
-
--- the regions: linux.setup makes one memory slot per entry, and
--- linux.e820_map reports each as RAM (the first one minus the legacy hole)
-function linux.ram_regions(memory)
-  return { { guest = 0, size = LOW_END },
-           { guest = HIGH_START, size = memory - LOW_END } }
+local kernel, timeout = args[1] or cli.guest_kernel(root).vmlinux, args.timeout or 300
+if not cli.exists(kernel) then
+  io.stderr:write("memory_layout: ", kernel, " not found (run `make kernel`, or give a vmlinux)\n")
+  os.exit(2)
 end
 
 -- the console: keep it, and stop the vCPU once the e820 lines are out
@@ -87,7 +70,11 @@ local function output(bytes)
   if tail:find(MARKER, 1, true) then ctx.cpu:stop() end
 end
 
-ctx, err = linux.setup{ kernel = kernel, memory = MEMORY, layout = LAYOUT, output = output }
+-- the plan: plain data (the RAM regions, the e820 map built from them, the
+-- placements, the zero page...), then the VM it describes
+local plan
+plan, err = linux.plan{ kernel = kernel, ram = RAM, layout = LAYOUT, output = output }
+if plan then ctx, err = linux.apply(plan) end
 if not ctx then
   io.stderr:write("memory_layout: ", err, "\n")
   os.exit(1)

@@ -34,6 +34,7 @@ package.cpath = root .. "/?.so;" .. package.cpath
 
 local kvm = require "kvm"
 local linux = require "kvm.linux"
+local cli = require "kvm.cli"
 
 local fmt = string.format
 
@@ -44,36 +45,14 @@ local function usage(msg)
   os.exit(2)
 end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
-
 -- options
-local opts = { seconds = 60, every = 5 }
-local i = 1
-while i <= #arg do
-  local a = arg[i]
-  local function value()
-    i = i + 1
-    return arg[i] or usage(a .. " needs a value")
-  end
-  if a == "--initrd" then opts.initrd = value()
-  elseif a == "--seconds" then opts.seconds = tonumber(value()) or usage("--seconds: a number expected")
-  elseif a == "--every" then opts.every = tonumber(value()) or usage("--every: a number expected")
-  elseif a == "--console" then opts.console = true
-  elseif a == "-h" or a == "--help" then usage()
-  elseif a:sub(1, 2) == "--" then usage("unknown option " .. a)
-  elseif not opts.kernel then opts.kernel = a
-  else usage("one kernel only") end
-  i = i + 1
-end
-opts.kernel = opts.kernel or root .. "/guest-kernel/vmlinux"
-if not opts.initrd and exists(root .. "/guest-kernel/initramfs.cpio.gz") then
-  opts.initrd = root .. "/guest-kernel/initramfs.cpio.gz"
-end
-if not exists(opts.kernel) then usage(opts.kernel .. " not found (run `make kernel`)") end
+local opts, bad = cli.parse(arg, { initrd = "string", seconds = "number", every = "number", console = "flag" })
+if not opts or opts.help then usage(bad) end
+local files = cli.guest_kernel(root)
+local kernel = opts[1] or files.vmlinux
+if not opts.initrd and cli.exists(files.initrd) then opts.initrd = files.initrd end
+opts.seconds, opts.every = opts.seconds or 60, opts.every or 5
+if not cli.exists(kernel) then usage(kernel .. " not found (run `make kernel`)") end
 if not (opts.seconds > 0 and opts.every > 0) then usage("--seconds and --every must be positive") end
 
 -- what the usual PC ports are
@@ -97,13 +76,9 @@ local function port_name(p)
 end
 
 -- the console: shown with --console, else only its last line is kept
-local last_line = ""
-local function output(bytes)
-  if opts.console then io.stdout:write(bytes) io.stdout:flush() end
-  for line in bytes:gmatch("[^\r\n]+") do last_line = line end
-end
+local console = cli.console{ echo = opts.console and io.stdout or nil, keep = 1 }
 
-local ctx, err = linux.setup{ kernel = opts.kernel, initrd = opts.initrd, output = output }
+local ctx, err = linux.setup{ kernel = kernel, initrd = opts.initrd, output = console.output }
 if not ctx then
   io.stderr:write("trace_io: ", err, "\n")
   os.exit(1)
@@ -135,7 +110,7 @@ local function report(elapsed, limit)
   local out = {
     fmt("trace_io: %.0f s, %d port accesses on %d ports, %d unclaimed; exits: %s", elapsed, total, #ports,
       stats.unclaimed_io, table.concat(ex, ", ")),
-    fmt("  console: %s", last_line:sub(1, 100)),
+    fmt("  console: %s", console.last:sub(1, 100)),
     fmt("  %-6s %10s  %-10s %s", "port", "accesses", "claimed by", "what"),
   }
   for k, x in ipairs(ports) do

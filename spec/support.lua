@@ -134,6 +134,25 @@ function support.make_elf(t)
   return bytes
 end
 
+--- A bzImage for the Linux specs: one setup sector after the boot sector (a
+-- 2.15 setup header, `over` changing its fields), then `payload` (the
+-- protected-mode kernel; default 0x200 nops, `hlt` at the 64-bit entry, then
+-- "K"s to 4 KiB).
+-- @return the file's bytes
+function support.make_bzimage(over, payload)
+  local bootparams = require "kvm.bootparams"
+  local hdr = { setup_sects = 1, boot_flag = 0xaa55, jump = 0x6aeb, header = bootparams.HDRS_MAGIC,
+                version = 0x020f, loadflags = 1, initrd_addr_max = 0x7fffffff,
+                kernel_alignment = 0x200000, relocatable_kernel = 1, xloadflags = 1,
+                cmdline_size = 255, pref_address = 0x1000000, init_size = 0x20000 }
+  for k, v in pairs(over or {}) do hdr[k] = v end
+  payload = payload or support.BZIMAGE_PAYLOAD
+  return bootparams.pack{ hdr = hdr }:sub(1, 1024) .. payload
+end
+
+--- make_bzimage's default payload.
+support.BZIMAGE_PAYLOAD = ("\x90"):rep(0x200) .. "\xf4" .. ("K"):rep(4096 - 0x201)
+
 --- Write bytes to a fresh temporary file; its path is appended to `keep`
 -- (when given) for the spec's teardown to remove.
 -- @return the path
@@ -239,11 +258,15 @@ function support.pid()
 end
 
 --- How many file descriptors this process has open (entries of
--- /proc/PID/fd, counted by ls; the pipe to ls is counted, consistently).
+-- /proc/PID/fd, listed by ls), pipes left out: the write end of the pipe to
+-- ls may or may not be closed yet in this process when ls reads the list.
 function support.fd_count()
-  local p = assert(io.popen("ls /proc/" .. support.pid() .. "/fd"))
+  local p = assert(io.popen("ls -l /proc/" .. support.pid() .. "/fd"))
   local n = 0
-  for _ in p:lines() do n = n + 1 end
+  for line in p:lines() do
+    local target = line:match(" %d+ %-> (.*)$")
+    if target and not target:match("^pipe:") then n = n + 1 end
+  end
   p:close()
   return n
 end

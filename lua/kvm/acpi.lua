@@ -45,6 +45,9 @@ acpi.LAYOUT = {
   { "MADT", "APIC" },
 }
 
+--- Default `base` of the tables: 0xe0000, in the BIOS area a kernel scans for
+-- the RSDP (kvm.linux's `DEFAULT_LAYOUT.acpi`).
+acpi.BASE = 0xe0000
 --- Alignment of every table, in bytes.
 acpi.ALIGN = 16
 --- Size of the standard table header.
@@ -287,7 +290,7 @@ end
 -- ---- options ----
 
 local DEFAULTS = {
-  base = 0xe0000, cpus = 1, lapic = 0xfee00000, sci_irq = 9, irq0_gsi = 2,
+  base = acpi.BASE, cpus = 1, lapic = 0xfee00000, sci_irq = 9, irq0_gsi = 2,
   pm1a_evt = 0x600, pm1a_cnt = 0x604, oem_id = "LUAKVM", oem_revision = 1,
   i8042 = true, cmos_rtc = true, power_button = false, dsdt_extra = "",
 }

@@ -15,6 +15,8 @@
 -- local zero_page = bp.pack{ hdr = hdr, e820 = map:entries() }
 -- @module kvm.bootparams
 
+local e820 = require "kvm.e820"
+
 local bootparams = {}
 
 local fmt = string.format
@@ -25,7 +27,7 @@ bootparams.SIZE = 4096
 bootparams.HDR_OFFSET = 0x1f1
 --- Offset of `e820_table` and its capacity; each entry is {addr u64, size u64, type u32}.
 bootparams.E820_OFFSET = 0x2d0
-bootparams.E820_MAX = 128
+bootparams.E820_MAX = e820.MAX_ENTRIES
 bootparams.E820_ENTRY_SIZE = 20
 --- "HdrS", the setup header's magic at 0x202.
 bootparams.HDRS_MAGIC = 0x53726448
@@ -46,13 +48,11 @@ bootparams.XLF_EFI_HANDOVER_64 = 0x08
 bootparams.XLF_EFI_KEXEC = 0x10
 bootparams.XLF_5LEVEL = 0x20
 bootparams.XLF_5LEVEL_ENABLED = 0x40
--- e820 types
-bootparams.E820_RAM = 1
-bootparams.E820_RESERVED = 2
-bootparams.E820_ACPI = 3
-bootparams.E820_NVS = 4
-bootparams.E820_UNUSABLE = 5
-bootparams.E820_PMEM = 7
+--- e820 entry types under the kernel's names (`E820_RAM` ...): kvm.e820's
+-- constants (`e820.RAM` ...), their one home.
+for _, name in ipairs{ "RAM", "RESERVED", "ACPI", "NVS", "UNUSABLE", "PMEM" } do
+  bootparams["E820_" .. name] = e820[name]
+end
 -- setup_data types
 bootparams.SETUP_NONE = 0
 bootparams.SETUP_E820_EXT = 1
@@ -156,12 +156,12 @@ local function put(buf, offset, bytes)
   for i = 1, #bytes do buf[offset + i] = bytes:byte(i) end
 end
 
-local function e820_list(e820)
-  if type(e820) == "table" or type(e820) == "userdata" then
-    local mt = getmetatable(e820)
-    if mt and type(e820.entries) == "function" then return e820:entries() end
+local function e820_list(map)
+  if type(map) == "table" or type(map) == "userdata" then
+    local mt = getmetatable(map)
+    if mt and type(map.entries) == "function" then return map:entries() end
   end
-  return e820
+  return map
 end
 
 --- Pack a zero page.

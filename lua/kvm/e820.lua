@@ -18,7 +18,8 @@ local e820 = {}
 local fmt = string.format
 local ult = math.ult
 
---- Entry types.
+--- Entry types (kvm.bootparams names them `E820_RAM` ... after the kernel,
+-- with these values).
 e820.RAM = 1
 e820.RESERVED = 2
 e820.ACPI = 3
@@ -188,6 +189,24 @@ function Map:find(addr)
     end
   end
   return nil
+end
+
+--- A map holding `entries` (a list of `{addr=, size=, type=}`, as
+-- `Map:entries` returns), added in order.
+-- @tparam table entries
+-- @tparam[opt=128] integer max
+-- @treturn map
+-- @raise as `Map:add`, naming the entry
+function e820.from_entries(entries, max)
+  if type(entries) ~= "table" then
+    error("e820.from_entries: expected a list of {addr=, size=, type=}, got " .. type(entries), 2)
+  end
+  local map = e820.new(max)
+  for i, e in ipairs(entries) do
+    local ok, err = add(map, e.addr, e.size, e.type)
+    if not ok then error(fmt("e820.from_entries: entry %d: %s", i, err), 2) end
+  end
+  return map
 end
 
 --- Number of entries.

@@ -1,14 +1,20 @@
 --- Boot a Linux kernel (ELF vmlinux or bzImage) with the 64-bit boot protocol.
 --
--- Every step is a function a script can call on its own or replace:
--- `linux.layout` (where everything goes), `linux.e820_map`, `linux.probe`
--- (what the kernel file is), `linux.setup` (VM, memory, devices, kernel,
--- initrd, boot_params, CPUID, registers: everything but running) and
--- `linux.boot` (setup, then run until something nobody handles).
+-- Two halves. `linux.plan(opts)` works out everything that needs no VM: what
+-- the kernel file is, the command line, where everything goes, the RAM
+-- regions, the e820 map, the ACPI tables, the zero page (boot_params) and the
+-- CPUID table, as plain data to print or change. `linux.apply(plan, steps)`
+-- creates the VM and runs the steps (`linux.ORDER`, functions in
+-- `linux.STEPS`) that put the plan into it; a call replaces any of them with
+-- `steps = {name = function(ctx, plan) ... end}`. `linux.setup(opts)` is
+-- `apply(plan(opts), opts.steps)`, `linux.run` runs the result and
+-- `linux.boot` does both.
 --
 --     local linux = require "kvm.linux"
---     local e = linux.boot{ kernel = "vmlinux", memory = 128 << 20 }
---     print(e)
+--     local plan = assert(linux.plan{ kernel = "vmlinux", memory = 128 << 20 })
+--     plan.cmdline = plan.cmdline .. " quiet"
+--     local ctx = assert(linux.apply(plan, { initrd = false }))
+--     print(linux.run(ctx))
 --
 -- @module kvm.linux
 local kvm = require "kvm"
@@ -38,33 +44,48 @@ linux.DEFAULT_MEMORY = 128 * MiB
 --- Start of the 32-bit PCI/MMIO hole: RAM above this moves to 4 GiB.
 linux.HOLE_START = 3 * GiB
 
---- Default placements (guest-physical). `initrd` and `kernel` are computed
--- (initrd: top of RAM; kernel: from the file) unless given.
+--- The PC's legacy hole, reserved in the e820 map: the EBDA at 0x9fc00 up to
+-- 1 MiB (VGA memory, option ROMs, BIOS; the ACPI tables go in it).
+linux.LEGACY_HOLE = { addr = 0x9fc00, size = 0x100000 - 0x9fc00 }
+
+--- Default placements (guest-physical), the one table of them: the GDT is
+-- kvm.x86's, the ACPI tables kvm.acpi's default base. `initrd` and `kernel`
+-- are computed (initrd: top of low RAM; kernel: from the file) unless given.
 linux.DEFAULT_LAYOUT = {
-  gdt = 0x500,              -- 4 descriptors: null, null, code 0x10, data 0x18
+  gdt = x86.DEFAULT_LAYOUT.gdt, -- 4 descriptors: null, null, code 0x10, data 0x18
   zero_page = 0x7000,       -- struct boot_params, 4 KiB
   page_tables = 0x9000,     -- PML4, PDPT, page directories (6 pages for 4 GiB)
   cmdline = 0x20000,        -- up to cmdline_size bytes
   identity_map = 0xfeffc000, -- VT-x real-mode identity page (1 page)
   tss = 0xfeffd000,         -- VT-x TSS (3 pages)
-  acpi = 0xe0000,           -- ACPI tables (kvm.acpi), in the reserved legacy hole
+  acpi = acpi.BASE,         -- ACPI tables (kvm.acpi), in the reserved legacy hole
 }
 
+--- Bytes each fixed placement takes.
+linux.SIZES = { gdt = 32, zero_page = bootparams.SIZE, page_tables = 0x6000,
+                identity_map = 0x1000, tss = 0x3000 }
+
 local function hex(v) return fmt("0x%x", v) end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
 
 --- A complete layout: the defaults, overridden by `user`, for `memory` bytes.
 -- @tparam integer memory RAM size in bytes
 -- @tparam[opt] table user placements to override
 -- @treturn table layout
 function linux.layout(memory, user)
-  local l = {}
-  for k, v in pairs(linux.DEFAULT_LAYOUT) do l[k] = v end
+  local l = copy(linux.DEFAULT_LAYOUT)
   for k, v in pairs(user or {}) do l[k] = v end
   l.memory = memory
   return l
 end
 
 --- RAM regions for `memory` bytes: below the 3 GiB hole, and the rest from 4 GiB.
+-- (The default of `opts.ram`.)
 -- @treturn table array of {guest=, size=}
 function linux.ram_regions(memory)
   if memory <= linux.HOLE_START then return { { guest = 0, size = memory } } end
@@ -73,27 +94,31 @@ function linux.ram_regions(memory)
 end
 
 --- The e820 map the guest sees: RAM below the EBDA, the legacy hole
--- 0x9fc00-0xfffff reserved, RAM from 1 MiB, the VT-x TSS and identity-map
--- pages reserved.
+-- reserved, RAM from 1 MiB, every other region as RAM, the VT-x TSS and
+-- identity-map pages reserved.
 -- @tparam table layout from `linux.layout`
+-- @tparam[opt] table regions RAM regions (default `linux.ram_regions(layout.memory)`);
+--   the first starts at 0
 -- @return an e820 map (kvm.e820)
-function linux.e820_map(layout)
+function linux.e820_map(layout, regions)
+  regions = regions or linux.ram_regions(layout.memory)
+  local hole = linux.LEGACY_HOLE
+  local high = hole.addr + hole.size
   local map = e820.new()
-  local regions = linux.ram_regions(layout.memory)
-  map:add_ram(0, 0x9fc00)
-  map:reserve(0x9fc00, 0x100000 - 0x9fc00)
-  local first = regions[1]
-  map:add_ram(0x100000, first.size - 0x100000)
+  map:add_ram(0, hole.addr)
+  map:reserve(hole.addr, hole.size)
+  map:add_ram(high, regions[1].guest + regions[1].size - high)
   for i = 2, #regions do map:add_ram(regions[i].guest, regions[i].size) end
-  map:reserve(layout.identity_map, 0x1000)
-  map:reserve(layout.tss, 0x3000)
+  map:reserve(layout.identity_map, linux.SIZES.identity_map)
+  map:reserve(layout.tss, linux.SIZES.tss)
   return map
 end
 
 --- What a kernel file is.
 -- @tparam string path
 -- @treturn string "elf" or "bzimage"
--- @treturn table for a bzImage: the setup header and info (kvm.bootparams.read_setup_header)
+-- @treturn table `{size=}`; for a bzImage also the setup header as `hdr` and
+--   the rest of kvm.bootparams.read_setup_header's info
 -- @return[2] nil, message
 function linux.probe(path)
   local f, err = io.open(path, "rb")
@@ -151,230 +176,463 @@ local function file_size(path)
   return size
 end
 
---- Everything but running: VM, RAM, devices, kernel, initrd, boot_params,
--- CPUID and registers. Options as `linux.boot`. Every check on the files and
--- the layout is done before the vCPU exists; nothing is written outside
--- guest memory.
--- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820=, cmdline=, entry=, kind=, profile=,
---   acpi = kvm.acpi.build's result (nil with acpi = false), power = {state = "poweroff" once
---   the guest entered S5: run() then returned "poweroff"}}
--- @return[2] nil, message (a bad file, a layout that does not fit, KVM failing)
-function linux.setup(opts)
-  if type(opts) ~= "table" then error("linux.setup: options table expected", 2) end
-  local kernel = opts.kernel
-  if type(kernel) ~= "string" then error("linux.setup: 'kernel' (a path) is required", 2) end
-  local memory = opts.memory or linux.DEFAULT_MEMORY
-  if math.type(memory) ~= "integer" or memory < 16 * MiB or memory & 0x1fffff ~= 0 then
-    error("linux.setup: 'memory' must be an integer number of bytes, >= 16 MiB, a multiple of 2 MiB", 2)
-  end
-  local profile = opts.profile
-  if profile == nil then profile = hostprofile.detect() end
-  local layout = linux.layout(memory, opts.layout)
-
-  -- the files first: nothing is created for a bad kernel or initrd
-  local kind, kinfo = linux.probe(kernel)
-  if not kind then return nil, kinfo end
-  local initrd_size
-  if opts.initrd then
-    local err
-    initrd_size, err = file_size(opts.initrd)
-    if not initrd_size then return nil, err end
-  end
-
+--- The command line: `opts.cmdline` (default `linux.DEFAULT_CMDLINE`), the
+-- host profile's parameters, then `opts.append`.
+-- @tparam table opts
+-- @tparam[opt] table profile a host profile (kvm.hostprofile)
+-- @treturn string
+function linux.cmdline(opts, profile)
   local cmdline = opts.cmdline or linux.DEFAULT_CMDLINE
   if profile and profile.cmdline and profile.cmdline ~= "" then
     cmdline = cmdline .. " " .. profile.cmdline
   end
   if opts.append and opts.append ~= "" then cmdline = cmdline .. " " .. opts.append end
-  local cmdline_size = kind == "bzimage" and kinfo.hdr.cmdline_size or 2047
-  if #cmdline > cmdline_size then
-    return nil, fmt("command line is %d bytes, the kernel accepts at most %d", #cmdline, cmdline_size)
+  return cmdline
+end
+
+-- ---- the plan ----
+
+-- The options a plan cannot do without; raises (level 3: plan's caller) on a
+-- programmer mistake. Returns memory and the RAM regions.
+local function check_opts(opts)
+  if type(opts) ~= "table" then error("linux.plan: options table expected", 3) end
+  if type(opts.kernel) ~= "string" then error("linux.plan: 'kernel' (a path) is required", 3) end
+  local ram, memory = nil, opts.memory
+  if opts.ram ~= nil then
+    if type(opts.ram) ~= "table" or #opts.ram == 0 then
+      error("linux.plan: 'ram' must be a list of {guest=, size=}", 3)
+    end
+    local sum = 0
+    ram = {}                                -- the plan's own copy
+    for i, r in ipairs(opts.ram) do
+      if type(r) ~= "table" or math.type(r.guest) ~= "integer" or math.type(r.size) ~= "integer"
+         or r.size <= 0 then
+        error(fmt("linux.plan: ram[%d] must be {guest = integer, size = integer > 0}", i), 3)
+      end
+      ram[i] = { guest = r.guest, size = r.size }
+      sum = sum + r.size
+    end
+    if ram[1].guest ~= 0 then error("linux.plan: ram[1] must start at guest address 0", 3) end
+    memory = memory or sum
+  end
+  memory = memory or linux.DEFAULT_MEMORY
+  if math.type(memory) ~= "integer" or memory < 16 * MiB or memory & 0x1fffff ~= 0 then
+    error("linux.plan: 'memory' must be an integer number of bytes, >= 16 MiB, a multiple of 2 MiB", 3)
+  end
+  return memory, ram or linux.ram_regions(memory)
+end
+
+-- The kernel, initrd and command line: plan.kind, kernel, initrd, cmdline.
+local function plan_files(p, opts)
+  local kind, kinfo = linux.probe(opts.kernel)
+  if not kind then return nil, kinfo end
+  kinfo.path = opts.kernel
+  p.kind, p.kernel = kind, kinfo
+  if opts.initrd then
+    local size, err = file_size(opts.initrd)
+    if not size then return nil, err end
+    p.initrd = { path = opts.initrd, size = size }
+  end
+  local cmdline = linux.cmdline(opts, p.profile)
+  local max = kind == "bzimage" and kinfo.hdr.cmdline_size or 2047
+  if #cmdline > max then
+    return nil, fmt("command line is %d bytes, the kernel accepts at most %d", #cmdline, max)
   end
   if cmdline:find("\0", 1, true) then return nil, "command line contains a NUL byte" end
+  p.cmdline, p.cmdline_size = cmdline, max
+  return true
+end
 
-  local regions = linux.ram_regions(memory)
-  local top = regions[1].size                -- initrd and boot data stay below the hole
-  local ranges = {
-    { name = "gdt", addr = layout.gdt, size = 32 },
-    { name = "zero_page", addr = layout.zero_page, size = 0x1000 },
-    { name = "page_tables", addr = layout.page_tables, size = 0x6000 },
-    { name = "cmdline", addr = layout.cmdline, size = #cmdline + 1 },
+-- Where a bzImage goes (plan.kernel.load_addr, image, need; plan.entry); an
+-- ELF only has to fit (it goes where its program headers say, at apply).
+local function place_kernel(p, top)
+  local k, path = p.kernel, p.kernel.path
+  if p.kind == "elf" then
+    if k.size > p.memory then
+      return nil, fmt("%s: kernel file (%d MiB) is bigger than RAM (%d MiB)", path,
+        k.size >> 20, p.memory >> 20)
+    end
+    return true
+  end
+  local hdr = k.hdr
+  local image = k.size - k.kernel_offset
+  if image <= 0 then return nil, path .. ": bzImage has no protected-mode kernel" end
+  local load_addr = p.layout.kernel
+  if not load_addr then
+    if hdr.relocatable_kernel ~= 0 then
+      load_addr = hdr.pref_address
+      if not load_addr or load_addr == 0 then load_addr = 0x1000000 end
+    else
+      load_addr = 0x100000
+    end
+  end
+  local need = math.max(image, hdr.init_size or image)
+  if ult(top, load_addr + need) then
+    return nil, fmt("%s: kernel needs %s-%s (init_size), more than the %d MiB of RAM",
+      path, hex(load_addr), hex(load_addr + need - 1), p.memory >> 20)
+  end
+  k.image, k.load_addr, k.need = image, load_addr, need
+  p.entry = load_addr + 0x200               -- the 64-bit entry point
+  return true
+end
+
+-- The initrd: top of low RAM, below initrd_addr_max, page-aligned.
+local function place_initrd(p, top)
+  local rd = p.initrd
+  if not rd then return true end
+  local max = (p.kind == "bzimage" and p.kernel.hdr.initrd_addr_max or 0x7fffffff) + 1
+  local limit = ult(top, max) and top or max
+  if rd.size >= limit then
+    return nil, fmt("%s: initrd (%d bytes) does not fit below %s", rd.path, rd.size, hex(limit))
+  end
+  rd.addr = p.layout.initrd or ((limit - rd.size) & ~0xfff)
+  return true
+end
+
+-- Placements: the kernel, the initrd, and plan.ranges checked against plan.ram.
+local function plan_layout(p)
+  local l, sz = p.layout, linux.SIZES
+  local top = p.ram[1].guest + p.ram[1].size  -- initrd and boot data stay below the hole
+  p.ranges = {
+    { name = "gdt", addr = l.gdt, size = sz.gdt },
+    { name = "zero_page", addr = l.zero_page, size = sz.zero_page },
+    { name = "page_tables", addr = l.page_tables, size = sz.page_tables },
+    { name = "cmdline", addr = l.cmdline, size = #p.cmdline + 1 },
   }
-  -- the kernel's range
-  local load_addr
-  if kind == "bzimage" then
-    local hdr = kinfo.hdr
-    local image = kinfo.size - kinfo.kernel_offset
-    if image <= 0 then return nil, kernel .. ": bzImage has no protected-mode kernel" end
-    load_addr = layout.kernel
-    if not load_addr then
-      if hdr.relocatable_kernel ~= 0 then
-        load_addr = hdr.pref_address
-        if not load_addr or load_addr == 0 then load_addr = 0x1000000 end
-      else
-        load_addr = 0x100000
-      end
-    end
-    local need = math.max(image, hdr.init_size or image)
-    if ult(top, load_addr + need) then
-      return nil, fmt("%s: kernel needs %s-%s (init_size), more than the %d MiB of RAM",
-        kernel, hex(load_addr), hex(load_addr + need - 1), memory >> 20)
-    end
-    ranges[#ranges + 1] = { name = "kernel", addr = load_addr, size = need }
-    kinfo.image = image
-  else
-    if kinfo.size > memory then
-      return nil, fmt("%s: kernel file (%d MiB) is bigger than RAM (%d MiB)", kernel,
-        kinfo.size >> 20, memory >> 20)
-    end
-  end
-  -- the initrd: top of low RAM, below initrd_addr_max, page-aligned
-  local initrd_addr
-  if initrd_size then
-    local max = (kind == "bzimage" and kinfo.hdr.initrd_addr_max or 0x7fffffff) + 1
-    local limit = ult(top, max) and top or max
-    if initrd_size >= limit then
-      return nil, fmt("%s: initrd (%d bytes) does not fit below %s", opts.initrd, initrd_size, hex(limit))
-    end
-    initrd_addr = layout.initrd or ((limit - initrd_size) & ~0xfff)
-    ranges[#ranges + 1] = { name = "initrd", addr = initrd_addr, size = math.max(initrd_size, 1) }
-  end
-  local ok, err = pcall(linux.check_ranges, ranges, regions)
+  local ok, err = place_kernel(p, top)
   if not ok then return nil, err end
-
-  -- the VM
-  local vm, verr = kvm.vm()
-  if not vm then return nil, verr end
-  local function fail(msg) vm:close(); return nil, msg end
-  local rams = {}
-  for _, r in ipairs(regions) do
-    local m, merr = vm:memory{ guest = r.guest, size = r.size, hugepages = opts.hugepages }
-    if not m then return fail(merr) end
-    rams[#rams + 1] = m
+  if p.kind == "bzimage" then
+    p.ranges[#p.ranges + 1] = { name = "kernel", addr = p.kernel.load_addr, size = p.kernel.need }
   end
-  local okd, derr = vm:identity_map_addr(layout.identity_map)
-  if not okd then return fail(derr) end
-  okd, derr = vm:tss_addr(layout.tss)
-  if not okd then return fail(derr) end
-  okd, derr = vm:irqchip()
-  if not okd then return fail(derr) end
-  okd, derr = vm:pit()
-  if not okd then return fail(derr) end
-
-  -- the kernel
-  local entry
-  if kind == "elf" then
-    local info, lerr = vm:load_elf(kernel)
-    if not info then return fail(lerr) end
-    entry = info.entry_phys or info.entry
-    local okr, rerr = pcall(linux.check_ranges, {
-      { name = "kernel", addr = info.low, size = info.high - info.low },
-      table.unpack(ranges) }, regions)
-    if not okr then return fail(rerr) end
-    kinfo.elf = info
-  else
-    local low = rams[1]
-    local n, lerr = low:load(load_addr, kernel, kinfo.kernel_offset)
-    if not n then return fail(lerr) end
-    entry = load_addr + 0x200
+  ok, err = place_initrd(p, top)
+  if not ok then return nil, err end
+  if p.initrd then
+    p.ranges[#p.ranges + 1] = { name = "initrd", addr = p.initrd.addr, size = math.max(p.initrd.size, 1) }
   end
-  if initrd_addr then
-    local n, ierr = rams[1]:load(initrd_addr, opts.initrd)
-    if not n then return fail(ierr) end
-  end
-  vm:write(layout.cmdline, cmdline .. "\0")
+  return pcall(linux.check_ranges, p.ranges, p.ram)
+end
 
-  -- boot_params
-  local map = linux.e820_map(layout)
+-- The ACPI tables (false with opts.acpi = false; a table of options adds to
+-- kvm.acpi.build's).
+local function plan_acpi(p, opts)
+  if opts.acpi == false then return false end
+  local aopts = { base = p.layout.acpi, cpus = 1, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
+  for k, v in pairs(type(opts.acpi) == "table" and opts.acpi or {}) do aopts[k] = v end
+  local ok, built = pcall(acpi.build, aopts)
+  if not ok then return nil, tostring(built) end
+  return built
+end
+
+-- struct boot_params as kvm.bootparams.pack takes it, without e820 (plan.e820).
+local function plan_bootparams(p)
+  local l, rd = p.layout, p.initrd
   local hdr
-  if kind == "bzimage" then
-    hdr = {}
-    for k, v in pairs(kinfo.hdr) do hdr[k] = v end
-    hdr.code32_start = load_addr
+  if p.kind == "bzimage" then
+    hdr = copy(p.kernel.hdr)
+    hdr.code32_start = p.kernel.load_addr
   else
     hdr = { boot_flag = 0xaa55, header = bootparams.HDRS_MAGIC, version = 0x020f,
-            kernel_alignment = 0x200000, cmdline_size = cmdline_size }
+            kernel_alignment = 0x200000, cmdline_size = p.cmdline_size }
   end
   hdr.type_of_loader = bootparams.LOADER_UNDEFINED
   hdr.loadflags = (hdr.loadflags or 0) | bootparams.LOADED_HIGH | bootparams.CAN_USE_HEAP
   hdr.heap_end_ptr = 0xfe00
   hdr.vid_mode = 0xffff
-  hdr.cmd_line_ptr = layout.cmdline
-  if initrd_addr then
-    hdr.ramdisk_image = initrd_addr & 0xffffffff
-    hdr.ramdisk_size = initrd_size & 0xffffffff
+  hdr.cmd_line_ptr = l.cmdline & 0xffffffff
+  if rd then
+    hdr.ramdisk_image = rd.addr & 0xffffffff
+    hdr.ramdisk_size = rd.size & 0xffffffff
   end
-  local bp = {
-    hdr = hdr, e820 = map,
-    ext_cmd_line_ptr = layout.cmdline >> 32,
-    ext_ramdisk_image = initrd_addr and initrd_addr >> 32 or 0,
-    ext_ramdisk_size = initrd_size and initrd_size >> 32 or 0,
+  return {
+    hdr = hdr,
+    ext_cmd_line_ptr = l.cmdline >> 32,
+    ext_ramdisk_image = rd and rd.addr >> 32 or 0,
+    ext_ramdisk_size = rd and rd.size >> 32 or 0,
+    acpi_rsdp_addr = p.acpi and p.acpi.rsdp or nil,
   }
-  -- the machine description: ACPI tables (CPUs, IOAPIC, power off); opts.acpi
-  -- = false leaves them out, a table adds to the options of kvm.acpi.build
-  local built
-  if opts.acpi ~= false then
-    local aopts = { base = layout.acpi, cpus = 1, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
-    for k, v in pairs(type(opts.acpi) == "table" and opts.acpi or {}) do aopts[k] = v end
-    local okb, b = pcall(acpi.build, aopts)
-    if not okb then return fail(tostring(b)) end
-    built = b
-    acpi.write(vm, built)
-    bp.acpi_rsdp_addr = built.rsdp
-  end
-  if opts.bootparams then opts.bootparams(bp) end  -- a hook to change anything
-  vm:write(layout.zero_page, bootparams.pack(bp))
+end
 
-  -- devices a boot touches
-  vm:serial{ port = 0x3f8, irq = 4, output = opts.output or io.stdout, input = opts.input }
-  vm:legacy_ports()
-  local power = {}
-  if built then
-    -- PM1a: S5 ends the run with "poweroff" (and ctx.power.state = "poweroff")
+-- The CPUID table (kvm.cpuid: hypervisor bit, the profile, the user's hook)
+-- and the long-mode set-up it decides (1 GiB pages when the guest has pdpe1gb).
+local function plan_cpu(p, opts)
+  local entries, err = cpuid.guest{ profile = p.profile, hook = opts.cpuid, entries = opts.cpuid_entries }
+  if not entries then return nil, err end
+  p.cpuid = entries
+  local huge_1g = p.layout.huge_1g
+  if huge_1g == nil then
+    local ext = cpuid.find(entries, 0x80000001)
+    huge_1g = ext ~= nil and (ext.edx >> 26) & 1 == 1
+  end
+  p.long_mode = { gdt = p.layout.gdt, page_tables = p.layout.page_tables, map_size = 4 * GiB,
+                  huge_1g = huge_1g }
+  p.registers = { rsi = p.layout.zero_page, rflags = x86.RFLAGS_RESERVED, rsp = 0 }
+  return true
+end
+
+--- Everything a boot needs that needs no VM, as data: the files are probed
+-- and the layout checked here, so `apply` only builds. `apply` takes the plan
+-- as it is: a field derived from another (the e820 map and `ranges` from
+-- `ram` and `layout`, the zero page from the placements) is not worked out
+-- again, so change both, or give `ram` and `layout` to `plan`.
+-- @tparam table opts as `linux.boot` (`steps` is `apply`'s); also `ram` (a
+--   list of `{guest=, size=}`, the first at 0: the memory slots, and RAM in
+--   the e820 map; default `linux.ram_regions(memory)`, and `memory` defaults to
+--   their sum) and `cpuid_entries` (the list CPUID starts from, default
+--   kvm.supported_cpuid())
+-- @treturn table plan `{kind = "elf"|"bzimage", kernel = {path=, size=, hdr=,
+--   load_addr=, ...}, initrd = {path=, size=, addr=} or nil, memory=, ram=,
+--   layout=, cmdline=, cmdline_size=, ranges = {{name=, addr=, size=}, ...},
+--   entry = the 64-bit entry (nil for an ELF: its own, at load), e820 = {{addr=,
+--   size=, type=}, ...}, acpi = kvm.acpi.build's result or false, bootparams =
+--   the zero page for kvm.bootparams.pack (its e820 is plan.e820), cpuid =
+--   entries, long_mode = kvm.x86.long_mode's layout, registers = set_regs's
+--   (rip is ctx.entry), devices =
+--   {serial = {port=, irq=, output=, input=}, pm = true}, profile = the host
+--   profile or false, hugepages=}`. Numbers, strings and tables, but for the
+--   profile's functions and the console's `output`/`input` as given.
+-- @return[2] nil, message (a bad file, a layout that does not fit, a bad `acpi`, KVM's CPUID failing)
+-- @raise on bad options; what the `bootparams` hook (given the zero page
+--   with `e820` as a kvm.e820 map) and the `cpuid` hook raise
+function linux.plan(opts)
+  local memory, ram = check_opts(opts)
+  local profile = opts.profile
+  if profile == nil then profile = hostprofile.detect() or false end
+  local p = { memory = memory, ram = ram, profile = profile, hugepages = opts.hugepages,
+              layout = linux.layout(memory, opts.layout) }
+  local ok, err = plan_files(p, opts)
+  if not ok then return nil, err end
+  ok, err = plan_layout(p)
+  if not ok then return nil, err end
+  p.acpi, err = plan_acpi(p, opts)
+  if p.acpi == nil then return nil, err end
+  local bp = plan_bootparams(p)
+  bp.e820 = linux.e820_map(p.layout, ram)
+  if opts.bootparams then opts.bootparams(bp) end  -- a hook to change anything
+  local map = bp.e820
+  if getmetatable(map) and type(map.entries) == "function" then map = map:entries() end
+  p.e820, bp.e820 = map, nil
+  p.bootparams = bp
+  ok, err = plan_cpu(p, opts)
+  if not ok then return nil, err end
+  p.devices = { serial = { port = 0x3f8, irq = 4, output = opts.output, input = opts.input },
+                legacy = true, pm = p.acpi and true or false }
+  return p
+end
+
+-- ---- the steps ----
+
+--- The steps `apply` runs, in this order.
+linux.ORDER = { "memory", "platform", "kernel", "initrd", "cmdline", "acpi", "zero_page",
+                "devices", "vcpu", "cpuid", "long_mode", "registers" }
+
+--- The default steps: `function(ctx, plan)`, by name. Each puts a part of the
+-- plan into `ctx.vm` (and sets fields of ctx); it returns nothing on success,
+-- nil and a message (or false) to fail the set-up, and may raise.
+-- @table STEPS
+linux.STEPS = {}
+
+--- RAM: one memory slot per `plan.ram` region (`ctx.ram`).
+function linux.STEPS.memory(ctx, plan)
+  for _, r in ipairs(plan.ram) do
+    local m, err = ctx.vm:memory{ guest = r.guest, size = r.size, hugepages = plan.hugepages }
+    if not m then return nil, err end
+    ctx.ram[#ctx.ram + 1] = m
+  end
+end
+
+--- The VT-x identity-map page and TSS, the in-kernel irqchip and PIT.
+function linux.STEPS.platform(ctx, plan)
+  local vm = ctx.vm
+  local ok, err = vm:identity_map_addr(plan.layout.identity_map)
+  if ok then ok, err = vm:tss_addr(plan.layout.tss) end
+  if ok then ok, err = vm:irqchip() end
+  if ok then ok, err = vm:pit() end
+  if not ok then return nil, err end
+end
+
+--- The kernel: an ELF where its program headers say (checked against the
+-- other ranges), a bzImage's protected-mode part at `load_addr`; `ctx.entry`.
+function linux.STEPS.kernel(ctx, plan)
+  local k = plan.kernel
+  if plan.kind == "elf" then
+    local info, err = ctx.vm:load_elf(k.path)
+    if not info then return nil, err end
+    local ok, rerr = pcall(linux.check_ranges, {
+      { name = "kernel", addr = info.low, size = info.high - info.low },
+      table.unpack(plan.ranges) }, plan.ram)
+    if not ok then return nil, rerr end
+    ctx.kernel.elf = info
+    ctx.entry = plan.entry or info.entry_phys or info.entry
+  else
+    local n, err = ctx.ram[1]:load(k.load_addr, k.path, k.kernel_offset)  -- ram[1] starts at 0
+    if not n then return nil, err end
+    ctx.entry = plan.entry
+  end
+end
+
+--- The initrd at `plan.initrd.addr`.
+function linux.STEPS.initrd(ctx, plan)
+  local rd = plan.initrd
+  if not rd then return end
+  local n, err = ctx.ram[1]:load(rd.addr, rd.path)
+  if not n then return nil, err end
+end
+
+--- The command line and its NUL at `layout.cmdline`.
+function linux.STEPS.cmdline(ctx, plan)
+  ctx.vm:write(plan.layout.cmdline, plan.cmdline .. "\0")
+end
+
+--- The ACPI tables (kvm.acpi.write), unless `plan.acpi` is false.
+function linux.STEPS.acpi(ctx, plan)
+  if plan.acpi then acpi.write(ctx.vm, plan.acpi) end
+end
+
+--- The zero page: `plan.bootparams` with `plan.e820`, packed at `layout.zero_page`.
+function linux.STEPS.zero_page(ctx, plan)
+  local bp = copy(plan.bootparams)
+  bp.e820 = plan.e820
+  ctx.vm:write(plan.layout.zero_page, bootparams.pack(bp))
+end
+
+--- The devices a boot touches: the UART, the legacy ports, and with ACPI the
+-- PM1a ports (S5 ends the run with "poweroff" and sets ctx.power.state).
+function linux.STEPS.devices(ctx, plan)
+  local d, vm = plan.devices, ctx.vm
+  local s = d.serial
+  if s then vm:serial{ port = s.port, irq = s.irq, output = s.output or io.stdout, input = s.input } end
+  if d.legacy then vm:legacy_ports() end
+  local built, power = plan.acpi, ctx.power
+  if d.pm and built then
     pm.attach(vm, { evt = built.pm1a_evt, cnt = built.pm1a_cnt, on_sleep = function(typ)
       if typ == pm.S5 then power.state = "poweroff" return kvm.POWEROFF end
     end })
   end
+end
 
-  -- the vCPU: CPUID, long mode, registers
-  local cpu, cerr = vm:vcpu(0)
-  if not cpu then return fail(cerr) end
-  -- what the guest sees (kvm.cpuid): the hypervisor bit, KVM's leaves, the
-  -- host profile's changes, the user's hook last
-  local entries, cpuerr = cpuid.guest{ profile = profile, hook = opts.cpuid }
-  if not entries then return fail(cpuerr) end
-  local okc, cperr = cpu:set_cpuid(entries)
-  if not okc then return fail(cperr) end
-  -- 1 GiB pages when the guest's CPUID offers them (pdpe1gb), else 2 MiB
-  local huge_1g = layout.huge_1g
-  if huge_1g == nil then
-    huge_1g = false
-    for _, ent in ipairs(entries) do
-      if ent.func == 0x80000001 and (ent.edx >> 26) & 1 == 1 then huge_1g = true end
+--- vCPU 0 (`ctx.cpu`).
+function linux.STEPS.vcpu(ctx)
+  local cpu, err = ctx.vm:vcpu(0)
+  if not cpu then return nil, err end
+  ctx.cpu = cpu
+end
+
+--- What the guest's CPUID says: `plan.cpuid`.
+function linux.STEPS.cpuid(ctx, plan)
+  local ok, err = ctx.cpu:set_cpuid(plan.cpuid)
+  if not ok then return nil, err end
+end
+
+--- Long mode: page tables, GDT, control registers (kvm.x86.long_mode).
+function linux.STEPS.long_mode(ctx, plan)
+  x86.long_mode(ctx.cpu, ctx.vm, plan.long_mode)
+end
+
+--- rip = ctx.entry, rsi = the zero page, interrupts off.
+function linux.STEPS.registers(ctx, plan)
+  local regs = copy(plan.registers)
+  regs.rip = ctx.entry
+  ctx.cpu:set_regs(regs)
+end
+
+-- The steps of one call: linux.STEPS with `user` over it, in linux.ORDER.
+local function steps_for(user)
+  if user ~= nil and type(user) ~= "table" then
+    error("linux.apply: steps must be a table of functions by name, got " .. type(user), 3)
+  end
+  for name, fn in pairs(user or {}) do
+    if linux.STEPS[name] == nil then
+      error(fmt("linux.apply: unknown step '%s' (steps: %s)", tostring(name), table.concat(linux.ORDER, ", ")), 3)
+    end
+    if type(fn) ~= "function" and fn ~= false then
+      error(fmt("linux.apply: step '%s' must be a function or false, got %s", name, type(fn)), 3)
     end
   end
-  x86.long_mode(cpu, vm, { gdt = layout.gdt, page_tables = layout.page_tables, map_size = 4 * GiB,
-                           huge_1g = huge_1g })
-  cpu:set_regs{ rip = entry, rsi = layout.zero_page, rflags = x86.RFLAGS_RESERVED, rsp = 0 }
+  local list = {}
+  for _, name in ipairs(linux.ORDER) do
+    local fn = linux.STEPS[name]
+    if user and user[name] ~= nil then fn = user[name] end
+    if fn then list[#list + 1] = { name = name, fn = fn } end
+  end
+  return list
+end
 
-  return {
-    vm = vm, cpu = cpu, ram = rams, layout = layout, e820 = map, cmdline = cmdline,
-    entry = entry, kind = kind, kernel = kinfo, initrd = initrd_addr and
-      { addr = initrd_addr, size = initrd_size } or nil, profile = profile,
-    acpi = built, power = power,
+-- A to-be-closed guard over a ctx: when it goes out of scope unreleased (a
+-- step failed or raised) it closes what the steps made, the vCPU and the
+-- memory regions (each holds its own fd or mapping), then the VM. A guard
+-- rather than `local vm <close>`: the objects only need a close method
+-- (spec/fuzz wraps kvm.vm()), and the vCPU and memory close too.
+local Guard = { __close = function(g)
+  local ctx = g.ctx
+  if not ctx then return end
+  if ctx.cpu then ctx.cpu:close() end
+  for i = #ctx.ram, 1, -1 do ctx.ram[i]:close() end
+  ctx.vm:close()
+end }
+
+--- Create the VM and run the steps that put `plan` into it.
+-- When a step fails (nil, message) or raises, or `kvm.vm()` fails, the VM is
+-- closed before `apply` returns or the error goes on: nothing is left open;
+-- only the ctx of a set-up that succeeded holds the VM.
+-- @tparam table plan from `linux.plan` (changed or not)
+-- @tparam[opt] table steps `{name = function(ctx, plan) | false}`: this call's
+--   steps over `linux.STEPS` (false skips one); the module's table is not changed
+-- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820 = a kvm.e820 map of
+--   plan.e820, cmdline=, entry=, kind=, kernel = plan.kernel (and `elf`, what
+--   vm:load_elf returned), initrd = {addr=, size=, path=} or nil, profile=,
+--   acpi = kvm.acpi.build's result (nil with acpi = false), power = {state =
+--   "poweroff" once the guest entered S5: run() then returned "poweroff"},
+--   plan = plan}
+-- @return[2] nil, message (KVM failing, a step's message)
+-- @raise on a bad `steps` table; what a step raises (after closing the VM)
+function linux.apply(plan, steps)
+  if type(plan) ~= "table" then error("linux.apply: plan table expected", 2) end
+  local list = steps_for(steps)
+  local ctx = {
+    ram = {}, layout = plan.layout, e820 = e820.from_entries(plan.e820),
+    cmdline = plan.cmdline, entry = plan.entry, kind = plan.kind, kernel = copy(plan.kernel),
+    initrd = plan.initrd and copy(plan.initrd) or nil, profile = plan.profile,
+    acpi = plan.acpi or nil, power = {}, plan = plan,
   }
+  local vm, err = kvm.vm()
+  if not vm then return nil, err end
+  ctx.vm = vm                               -- nothing between here and the guard raises
+  local guard <close> = setmetatable({ ctx = ctx }, Guard)
+  for _, step in ipairs(list) do
+    local ok, serr = step.fn(ctx, plan)
+    if ok == false or (ok == nil and serr ~= nil) then
+      return nil, serr or ("linux.apply: step '" .. step.name .. "' failed")
+    end
+  end
+  guard.ctx = nil                           -- the caller's now
+  return ctx
+end
+
+--- Everything but running: `linux.apply(linux.plan(opts), opts.steps)`.
+-- Every check on the files and the layout is done before the VM exists;
+-- nothing is written outside guest memory.
+-- @tparam table opts as `linux.boot`
+-- @treturn table ctx, as `linux.apply`
+-- @return[2] nil, message (a bad file, a layout that does not fit, KVM failing)
+-- @raise on bad options, and what a hook or step raises (nothing is left open)
+function linux.setup(opts)
+  local plan, err = linux.plan(opts)
+  if not plan then return nil, err end
+  return linux.apply(plan, opts.steps)
 end
 
 --- Set up and run a kernel until an exit nobody handles.
 -- @tparam table opts `kernel` (path, required), `initrd` (path), `cmdline`
 --   (default `linux.DEFAULT_CMDLINE`; this host's profile appends what it
 --   needs), `append` (more parameters), `memory` (bytes, default 128 MiB),
---   `layout` (placements, see `linux.DEFAULT_LAYOUT`), `cpuid` (function(entries),
---   change or return the CPUID table), `on_exit` (function(e, ctx): return
---   true to resume the guest), `output` / `input` (the serial console's FILE
---   or function; default io.stdout, no input), `timeout` (seconds),
---   `profile` (a host profile, false for none; default: detected),
---   `bootparams` (function(bp) to change boot_params before packing).
+--   `ram` (the RAM regions, see `linux.plan`), `layout` (placements, see
+--   `linux.DEFAULT_LAYOUT`), `cpuid` (function(entries), change or return the
+--   CPUID table), `on_exit` (function(e, ctx): return true to resume the
+--   guest), `output` / `input` (the serial console's FILE or function;
+--   default io.stdout, no input), `timeout` (seconds), `profile` (a host
+--   profile, false for none; default: detected), `bootparams` (function(bp)
+--   to change boot_params before packing), `acpi` (false, or options for
+--   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`).
 -- @return the Exit that ended the run, and ctx
 -- @return[2] nil, message
 function linux.boot(opts)

@@ -6,15 +6,8 @@ local bootparams = require "kvm.bootparams"
 
 
 -- a bzImage: one setup sector after the boot sector, then the payload
-local PAYLOAD = ("\x90"):rep(0x200) .. "\xf4" .. ("K"):rep(4096 - 0x201)
-local function bzimage(over)
-  local hdr = { setup_sects = 1, boot_flag = 0xaa55, jump = 0x6aeb, header = bootparams.HDRS_MAGIC,
-                version = 0x020f, loadflags = 1, initrd_addr_max = 0x7fffffff,
-                kernel_alignment = 0x200000, relocatable_kernel = 1, xloadflags = 1,
-                cmdline_size = 255, pref_address = 0x1000000, init_size = 0x20000 }
-  for k, v in pairs(over or {}) do hdr[k] = v end
-  return bootparams.pack{ hdr = hdr }:sub(1, 1024) .. PAYLOAD
-end
+local PAYLOAD = support.BZIMAGE_PAYLOAD
+local bzimage = support.make_bzimage
 
 -- an ELF64 x86-64 executable with one PT_LOAD at paddr (vaddr in the kernel's
 -- high half), entering at paddr
@@ -102,5 +95,74 @@ describe("#guest kvm.linux.setup", function()
       cmdline = ("x"):rep(17) }
     assert.is_nil(ctx)
     assert.equal("command line is 17 bytes, the kernel accepts at most 16", err)
+  end)
+  it("applies a plan changed before apply, and a step replaced for one call", function()
+    support.need_kvm()
+    local kernel = tmpfile(elf(0x200000, "\xf4", 64))
+    local plan = assert(linux.plan{ kernel = kernel, memory = 32 << 20, profile = false,
+                                   output = function() end })
+    plan.cmdline = "console=ttyS0 changed"
+    local default = linux.STEPS.registers
+    local ctx = assert(linux.apply(plan, { registers = function(c, p)
+      default(c, p)
+      c.cpu:set_regs{ rbx = 42 }
+    end }))
+    assert.equal("console=ttyS0 changed\0", ctx.vm:read(ctx.layout.cmdline, 22))
+    assert.equal(42, ctx.cpu:regs().rbx)
+    assert.equal(0x200000, ctx.cpu:regs().rip)
+    assert.equal(default, linux.STEPS.registers)
+    ctx.vm:close()
+    ctx = assert(linux.setup{ kernel = kernel, memory = 32 << 20, profile = false, output = function() end })
+    assert.equal(0, ctx.cpu:regs().rbx)
+    ctx.vm:close()
+  end)
+
+  describe("a step or hook that fails leaves nothing open", function()
+    local kernel
+    setup(function() kernel = tmpfile(elf(0x200000, "\xf4", 64)) end)
+
+    -- linux.setup with these options: the results of pcall, and the change
+    -- in the fd count (garbage collected before, not in between: what setup
+    -- made is closed, not collected)
+    local function try(o)
+      local opts = { kernel = kernel, memory = 32 << 20, profile = false, output = function() end }
+      for k, v in pairs(o) do opts[k] = v end
+      support.gc()
+      local before = support.fd_count()
+      local r = table.pack(pcall(linux.setup, opts))
+      return r, support.fd_count() - before
+    end
+
+    it("a step that raises: the error goes on, the VM and vCPU are closed", function()
+      support.need_kvm()
+      local r, fds = try{ steps = { long_mode = function() error("no long mode today", 0) end } }
+      assert.same({ false, "no long mode today", n = 2 }, r)
+      assert.equal(0, fds)
+    end)
+
+    it("a step that returns nil and a message: setup returns them", function()
+      support.need_kvm()
+      local r, fds = try{ steps = { registers = function() return nil, "no registers today" end } }
+      assert.same({ true, nil, "no registers today", n = 3 }, r)
+      assert.equal(0, fds)
+    end)
+
+    it("a bootparams or cpuid hook that raises: the error goes on, before any VM", function()
+      support.need_kvm()
+      local boom = function() error("hook failed", 0) end
+      for _, hook in ipairs{ "bootparams", "cpuid" } do
+        local r, fds = try{ [hook] = boom }
+        assert.same({ false, "hook failed", n = 2 }, r)
+        assert.equal(0, fds, hook)
+      end
+    end)
+
+    it("a bootparams hook that sets a field boot_params lacks: raises at the zero page, VM closed", function()
+      support.need_kvm()
+      local r, fds = try{ bootparams = function(bp) bp.no_such_field = 1 end }
+      assert.is_false(r[1])
+      assert.matches("bootparams.pack: unknown boot_params field 'no_such_field'", r[2], 1, true)
+      assert.equal(0, fds)
+    end)
   end)
 end)

@@ -190,4 +190,14 @@ describe("kvm.e820", function()
     assert.has_error(function() map.find(0) end, "e820: call as map:find(addr), with a colon")
     assert.has_error(function() map:find("0") end, "e820: find: addr must be an integer, got string")
   end)
+  it("builds a map from entries (from_entries), the way back from entries()", function()
+    local list = { { addr = 0, size = 0x9fc00, type = RAM }, { addr = 0x9fc00, size = 0x400, type = RES },
+                   { addr = 0x100000, size = 0x100000, type = RAM }, { addr = 0x200000, size = 0x1000, type = RAM } }
+    local map = e820.from_entries(list)
+    assert.are.same({ list[1], list[2], { addr = 0x100000, size = 0x101000, type = RAM } }, map:entries())
+    assert.has_error(function() e820.from_entries{ { addr = 0, size = 0, type = RAM } } end,
+      "e820.from_entries: entry 1: e820: size is 0")
+    assert.has_error(function() e820.from_entries(5) end,
+      "e820.from_entries: expected a list of {addr=, size=, type=}, got number")
+  end)
 end)
