@@ -42,7 +42,6 @@ build = {
     ["kvm.hostprofile"] = "lua/kvm/hostprofile.lua",
     ["kvm.emulate"] = "lua/kvm/emulate.lua",
     ["kvm.acpi"] = "lua/kvm/acpi.lua",
-    ["kvm.pm"] = "lua/kvm/pm.lua",
     ["kvm.cpuid"] = "lua/kvm/cpuid.lua",
     ["kvm.cli"] = "lua/kvm/cli.lua",
   },

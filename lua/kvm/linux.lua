@@ -24,7 +24,6 @@ local e820 = require "kvm.e820"
 local hostprofile = require "kvm.hostprofile"
 local acpi = require "kvm.acpi"
 local cpuid = require "kvm.cpuid"
-local pm = require "kvm.pm"
 
 local fmt = string.format
 local ult = math.ult
@@ -387,7 +386,7 @@ end
 --   the zero page for kvm.bootparams.pack (its e820 is plan.e820), cpuid =
 --   entries, long_mode = kvm.x86.long_mode's layout, registers = set_regs's
 --   (rip is ctx.entry), devices =
---   {serial = {port=, irq=, output=, input=}, pm = true}, profile = the host
+--   {serial = {port=, irq=, output=, input=}, power = true}, profile = the host
 --   profile or false, hugepages=}`. Numbers, strings and tables, but for the
 --   profile's functions and the console's `output`/`input` as given.
 -- @return[2] nil, message (a bad file, a layout that does not fit, a bad `acpi`, KVM's CPUID failing)
@@ -415,7 +414,7 @@ function linux.plan(opts)
   ok, err = plan_cpu(p, opts)
   if not ok then return nil, err end
   p.devices = { serial = { port = 0x3f8, irq = 4, output = opts.output, input = opts.input },
-                legacy = true, pm = p.acpi and true or false }
+                legacy = true, power = p.acpi and true or false }
   return p
 end
 
@@ -496,17 +495,15 @@ function linux.STEPS.zero_page(ctx, plan)
 end
 
 --- The devices a boot touches: the UART, the legacy ports, and with ACPI the
--- PM1a ports (S5 ends the run with "poweroff" and sets ctx.power.state).
+-- PM1a ports the FADT names (vm:power: S5 ends the run with "poweroff").
 function linux.STEPS.devices(ctx, plan)
   local d, vm = plan.devices, ctx.vm
   local s = d.serial
   if s then vm:serial{ port = s.port, irq = s.irq, output = s.output or io.stdout, input = s.input } end
   if d.legacy then vm:legacy_ports() end
-  local built, power = plan.acpi, ctx.power
-  if d.pm and built then
-    pm.attach(vm, { evt = built.pm1a_evt, cnt = built.pm1a_cnt, on_sleep = function(typ)
-      if typ == pm.S5 then power.state = "poweroff" return kvm.POWEROFF end
-    end })
+  local built = plan.acpi
+  if d.power and built then
+    vm:power{ evt = built.pm1a_evt, cnt = built.pm1a_cnt, s5 = built.s5_slp_typ }
   end
 end
 
@@ -580,8 +577,8 @@ end }
 -- @treturn table ctx {vm=, cpu=, ram={...}, layout=, e820 = a kvm.e820 map of
 --   plan.e820, cmdline=, entry=, kind=, kernel = plan.kernel (and `elf`, what
 --   vm:load_elf returned), initrd = {addr=, size=, path=} or nil, profile=,
---   acpi = kvm.acpi.build's result (nil with acpi = false), power = {state =
---   "poweroff" once the guest entered S5: run() then returned "poweroff"},
+--   acpi = kvm.acpi.build's result (nil with acpi = false; the guest's S5
+--   makes run() return "poweroff"),
 --   plan = plan}
 -- @return[2] nil, message (KVM failing, a step's message)
 -- @raise on a bad `steps` table; what a step raises (after closing the VM)
@@ -592,7 +589,7 @@ function linux.apply(plan, steps)
     ram = {}, layout = plan.layout, e820 = e820.from_entries(plan.e820),
     cmdline = plan.cmdline, entry = plan.entry, kind = plan.kind, kernel = copy(plan.kernel),
     initrd = plan.initrd and copy(plan.initrd) or nil, profile = plan.profile,
-    acpi = plan.acpi or nil, power = {}, plan = plan,
+    acpi = plan.acpi or nil, plan = plan,
   }
   local vm, err = kvm.vm()
   if not vm then return nil, err end
