@@ -36,7 +36,7 @@ describe("#e2e #userspace make run", function()
       -- what the pane runs: the terminal's settings before and after, make's status
       local script = dir .. "/pane.sh"
       local f = assert(io.open(script, "w"))
-      f:write(("stty -g >%s/before\nmake -s run\necho MAKE-RUN-EXIT=$?\nstty -g >%s/after\nexec sleep 600\n")
+      f:write(("stty -g >%s/before\nmake -s run\nst=$?\nstty -g >%s/after\necho MAKE-RUN-EXIT=$st\nexec sleep 600\n")
         :format(dir, dir))
       f:close()
       local _, rc = sh(tmux .. "new-session -d -x 160 -y 50 'sh " .. script .. "'")
