@@ -19,7 +19,8 @@ ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sa
 # Debian 12 packages the build, the tests and the default kernel need
 DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make tmux \
            pkg-config lz4 cpio busybox-static gzip qemu-system-x86 acpica-tools \
-           lua-check cppcheck clang-tidy clang libclang-rt-14-dev
+           lua-check cppcheck clang-tidy clang libclang-rt-14-dev \
+           valgrind strace
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps:
@@ -69,6 +70,12 @@ check-memory:
 bench: all
 	$(MAKE) -C bench
 
+# the exit-cost harness of make bench (bench/exitcost.c): the core's sources
+# and flags in an executable that makes no KVM call (bench/Makefile builds it)
+LUA_LIBS ?= $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
+bench/exitcost: bench/exitcost.c $(SRCS) $(HDRS)
+	$(CC) $(ALLFLAGS) -Icsrc -o $@ $< $(SRCS) $(LIBS) $(LUA_LIBS)
+
 kernel:
 	sh examples/fetch_kernel.sh guest-kernel
 
@@ -104,7 +111,7 @@ lint:
 	else echo "lint: clang-tidy not installed, skipped"; fi
 
 clean:
-	rm -f kvm/core.so $(GUESTS)
+	rm -f kvm/core.so $(GUESTS) bench/exitcost
 
 # libFuzzer harnesses (spec/fuzz/README.md): build with clang, then run each
 # for FUZZ_SECONDS on its seed corpus; `make fuzz FUZZ_SECONDS=10` for CI

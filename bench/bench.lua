@@ -7,6 +7,10 @@
 --
 --   1. port-I/O exit: bare C KVM_RUN loop / exits dispatched to a C device by
 --      cpu:run() / exits handled by a Lua function. Goals 1.03x and 1.10x.
+--      1c-1e: machine instructions per exit from KVM_RUN's return to the next,
+--      counted by callgrind with KVM_RUN faked (bench/exitcost.lua; needs
+--      valgrind, not KVM): C device, Lua handler, unclaimed port. Goals 300
+--      and 1500 instructions.
 --   2. VM lifecycle: create (64 KiB, 1 vCPU), run 5 bytes to HLT, destroy.
 --   3. start-up: process start to first KVM_RUN of examples/hello.lua.
 --   4. kernel load: ELF vmlinux from file to guest memory vs a memcpy.
@@ -192,6 +196,28 @@ if ROUNDS > 0 then io.stderr:write("\r\27[2K") end
 local function ratio_le(g) return function(_, ratio) return ratio ~= nil and ratio <= g end end
 row("1a port-I/O exit, C device (us)", cdev_t, floor_t, "<=1.03x", ratio_le(1.03))
 row("1b port-I/O exit, Lua handler (us)", lua_t, floor_t, "<=1.10x", ratio_le(1.10))
+
+-- rows 1c-1e: instructions per exit, callgrind over bench/exitcost (no KVM),
+-- two runs each (the counts are deterministic: min..max shows they agree)
+if ROUNDS > 0 then
+  local exitcost = dofile "bench/exitcost.lua"
+  local ok, why = exitcost.available()
+  if not ok then notes[#notes + 1] = "rows 1c-1e: not measured: " .. why end
+  for _, s in ipairs(ok and exitcost.SCENARIOS or {}) do
+    io.stderr:write("\r\27[2Kcallgrind: ", s.key)
+    local a, top = exitcost.per_exit(s.key, 4)
+    local b = exitcost.per_exit(s.key)
+    row(s.name, { a, b }, {}, s.goal and ("<=" .. s.goal) or nil,
+      s.goal and function(m) return m <= s.goal end)
+    notes[#notes + 1] = ("%s, per exit: %s"):format(s.name:match("^%S+"), exitcost.top_text(top))
+  end
+  if ok then
+    io.stderr:write("\r\27[2K")
+    notes[#notes + 1] = ("rows 1c-1e: instructions from KVM_RUN's return to the next, callgrind over "
+      .. "bench/exitcost (KVM_RUN faked), (I(%d) - I(%d)) / %d exits, two runs"):format(exitcost.N2, exitcost.N1,
+      exitcost.N2 - exitcost.N1)
+  end
+end
 row("2  VM lifecycle (ms)", life_l, life_c, "<=1.2x", ratio_le(1.2))
 row("3  start-up to first KVM_RUN (ms)", st, st_ref, "<=10 ms", function(m) return m <= 10 end)
 if have_kernel then row("4  ELF vmlinux load (ms)", kl, kc, "<=1.5x", ratio_le(1.5)) end
@@ -265,10 +291,10 @@ local out = {}
 local function say(fmt, ...) out[#out + 1] = (fmt:format(...):gsub("%s+$", "")) end
 say("luakvm bench, %s; Linux %s, %s, %s CPUs%s", os.date("!%Y-%m-%d %H:%M UTC"), first_line("uname -r"),
   cpu, first_line("nproc"), ", " .. which)
-say("%-36s %-27s %-27s %7s %8s %4s", "row: median [min..max]", "luakvm", "reference", "ratio", "goal", "met")
+say("%-38s %-27s %-27s %7s %8s %4s", "row: median [min..max]", "luakvm", "reference", "ratio", "goal", "met")
 for _, r in ipairs(rows) do
   local ref = r.rm and ("%8.3f [%7.3f..%7.3f]"):format(r.rm, r.rlo, r.rhi) or "-"
-  say("%-36s %8.3f [%7.3f..%7.3f] %-27s %7s %8s %4s", r.name, r.m, r.lo, r.hi, ref,
+  say("%-38s %8.3f [%7.3f..%7.3f] %-27s %7s %8s %4s", r.name, r.m, r.lo, r.hi, ref,
     r.ratio and ("%.3fx"):format(r.ratio) or "-", r.goal, r.met or "")
 end
 for _, n in ipairs(notes) do say("  %s", n) end

@@ -75,18 +75,13 @@ static int access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned 
   return st;
 }
 
-int bus_pio(Bus *b, BusCall *bc, uint16_t port, int is_write, unsigned size, uint32_t count,
-            uint8_t *data, int *unclaimed) {
-  Range *r = bus_find(b, port);
-  if (r == NULL) {
-    *unclaimed = 1;
-    if (!is_write) memset(data, 0xff, (size_t)size * count);   /* an empty bus */
-    return BUS_OK;
-  }
-  __atomic_fetch_add(&r->hits, count, __ATOMIC_RELAXED);
+/* string I/O (count > 1): every element, even after a stop (the
+   instruction completes) */
+static __attribute__((noinline)) int pio_string(Bus *b, BusCall *bc, Range *r, uint16_t port,
+                                                int is_write, unsigned size, uint32_t count,
+                                                uint8_t *data) {
   unsigned gen = b->gen;
   int outcome = BUS_OK;
-  /* string I/O: every element, even after a stop (the instruction completes) */
   for (uint32_t i = 0; i < count; i++, data += size) {
     if (b->gen != gen) {         /* a Lua handler changed the claims: look again */
       gen = b->gen;
@@ -104,6 +99,20 @@ int bus_pio(Bus *b, BusCall *bc, uint16_t port, int is_write, unsigned size, uin
     if (st == BUS_STOP) outcome = BUS_STOP;
   }
   return outcome;
+}
+
+int bus_pio(Bus *b, BusCall *bc, uint16_t port, int is_write, unsigned size, uint32_t count,
+            uint8_t *data, int *unclaimed) {
+  Range *r = bus_find(b, port);
+  if (r == NULL) {
+    *unclaimed = 1;
+    if (!is_write) memset(data, 0xff, (size_t)size * count);   /* an empty bus */
+    return BUS_OK;
+  }
+  __atomic_fetch_add(&r->hits, count, __ATOMIC_RELAXED);
+  /* one element, the common case, without the string loop's set-up */
+  if (count == 1) return access(r->dev, bc, port, is_write, size, data);
+  return pio_string(b, bc, r, port, is_write, size, count, data);
 }
 
 int bus_mmio(Bus *b, BusCall *bc, uint64_t addr, int is_write, unsigned size, uint8_t *data,

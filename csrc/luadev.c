@@ -50,6 +50,20 @@ static int take_result(lua_State *L, int is_mmio, BusCall *bc, uint64_t addr, in
   return BUS_OK;
 }
 
+/* the value of a write: size bytes, little-endian (MMIO: any of 1-8); the
+   usual sizes without a call to memcpy */
+static uint64_t written(const uint8_t *data, unsigned size) {
+  uint64_t v = 0;
+  uint32_t v32;
+  uint16_t v16;
+  switch (size) {
+  case 1: return data[0];
+  case 2: memcpy(&v16, data, 2); return v16;
+  case 4: memcpy(&v32, data, 4); return v32;
+  default: memcpy(&v, data, size); return v;
+  }
+}
+
 static int luadev_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
                          uint8_t *data) {
   /* the handler may remove its own claim, and the GC the device with it:
@@ -64,9 +78,7 @@ static int luadev_access(Device *d, BusCall *bc, uint64_t addr, int is_write, un
   lua_pushvalue(L, bc->strs + (is_write ? 1 : 0));   /* "in" / "out" */
   lua_pushinteger(L, size);
   if (is_write) {
-    uint64_t v = 0;
-    memcpy(&v, data, size);
-    lua_pushinteger(L, (lua_Integer)v);
+    lua_pushinteger(L, (lua_Integer)written(data, size));
   } else {
     lua_pushnil(L);
   }

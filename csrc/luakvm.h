@@ -101,6 +101,15 @@ void kvm_push_cpuid(lua_State *L, const struct kvm_cpuid_entry2 *e, int n);
 extern int kvm_stop_keys[3];            /* kvm.STOP, kvm.POWEROFF, kvm.RESET */
 extern const char *const kvm_stop_reasons[];  /* "none", then their run() reasons */
 int l_vm_new(lua_State *L);
+/* the parts of kvm.vm() and vm:vcpu() that need no KVM (a harness without
+   /dev/kvm gives them other fds: bench/exitcost.c). kvm_vm_push: a new VM
+   userdata on the stack, its table with "memories", fds -1 (closed).
+   kvm_vcpu_push: a new open vCPU on the stack for the open VM at vm_idx,
+   with fd and the kvm_run mapping (munmap'd with run_size when it closes),
+   entering by kvm_enter; raises when the VM has KVM_MAX_VCPUS open */
+Vm *kvm_vm_push(lua_State *L);
+Vcpu *kvm_vcpu_push(lua_State *L, int vm_idx, int id, int fd, struct kvm_run *run,
+                    size_t run_size);
 Memory *kvm_checkmemory(lua_State *L, int arg);
 
 /* module parts */

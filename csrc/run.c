@@ -66,6 +66,9 @@ typedef struct RunState {
   const char *why;          /* synthetic reason when returning */
   uint64_t halted_since;    /* ns: first tick that saw the vCPU halted for good */
   uint64_t halted_rip;
+  /* tl_tick and tl_int, their addresses taken once: in a shared library each
+     access to a thread-local variable is a call (__tls_get_addr) */
+  volatile sig_atomic_t *tick, *intr;
 } RunState;
 
 /* stack slots during run() */
@@ -183,7 +186,7 @@ static int from_bus(RunState *rs, int st) {
 }
 
 static int run_tick(RunState *rs) {
-  tl_tick = 0;
+  *rs->tick = 0;
   rs->c->run->immediate_exit = 0;
   if (rs->deadline && kvm_now_ns() >= rs->deadline) {
     rs->why = "timeout";
@@ -243,6 +246,7 @@ static int dispatch_mmio(RunState *rs) {
 static int run_loop(RunState *rs, int *kvm_errno) {
   Vcpu *c = rs->c;
   uint64_t n = 0;
+  volatile sig_atomic_t *tick = rs->tick, *intr = rs->intr;
   for (;;) {
     int rc = c->enter(c);
     c->seq++;
@@ -262,9 +266,9 @@ static int run_loop(RunState *rs, int *kvm_errno) {
     }
     if (d != D_CONTINUE) return d;
     if (c->stop) { rs->why = kvm_stop_reasons[c->stop]; return D_RETURN; }
-    if (tl_int) { rs->why = "intr"; return D_RETURN; }
+    if (*intr) { rs->why = "intr"; return D_RETURN; }
     if (rs->max_exits && n >= rs->max_exits) { rs->why = "max_exits"; return D_RETURN; }
-    if (tl_tick) {
+    if (*tick) {
       if ((d = run_tick(rs)) != D_CONTINUE) return d;
     } else if (rc < 0) {
       rs->why = "intr";          /* another signal */
@@ -375,6 +379,8 @@ int l_vcpu_run(lua_State *L) {
   tl_run = c->run;
   tl_tick = 0;
   tl_int = 0;
+  rs.tick = &tl_tick;
+  rs.intr = &tl_int;
   if (c->stop) c->run->immediate_exit = 1;
   uint64_t t0 = kvm_now_ns();
   int kvm_errno = 0;

@@ -28,6 +28,47 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg) {
   return c;
 }
 
+/* a free slot in vm->vcpus, or raise */
+static int free_slot(lua_State *L, const Vm *vm) {
+  int slot = 0;
+  while (slot < KVM_MAX_VCPUS && vm->vcpus[slot]) slot++;
+  if (slot == KVM_MAX_VCPUS) luaL_error(L, "too many vCPUs (at most %d open)", KVM_MAX_VCPUS);
+  return slot;
+}
+
+/* a closed vCPU userdata on the stack top, pinning the VM at vm_idx */
+static Vcpu *new_vcpu(lua_State *L, int vm_idx) {
+  vm_idx = lua_absindex(L, vm_idx);
+  Vcpu *c = lua_newuserdatauv(L, sizeof(Vcpu), 1);
+  memset(c, 0, sizeof *c);
+  c->fd = -1;
+  luaL_setmetatable(L, VCPU_MT);
+  lua_pushvalue(L, vm_idx);
+  lua_setiuservalue(L, -2, 1);   /* pin the VM */
+  return c;
+}
+
+/* open it: its fd and kvm_run mapping, counted among the VM's vCPUs */
+static void attach(Vcpu *c, Vm *vm, int slot, int id, int fd, struct kvm_run *run,
+                   size_t run_size) {
+  c->fd = fd;
+  c->id = id;
+  c->vm = vm;
+  c->run = run;
+  c->run_size = run_size;
+  c->enter = kvm_enter;
+  vm->vcpus[slot] = c;
+}
+
+Vcpu *kvm_vcpu_push(lua_State *L, int vm_idx, int id, int fd, struct kvm_run *run,
+                    size_t run_size) {
+  Vm *vm = kvm_checkvm(L, vm_idx);
+  int slot = free_slot(L, vm);
+  Vcpu *c = new_vcpu(L, vm_idx);
+  attach(c, vm, slot, id, fd, run, run_size);
+  return c;
+}
+
 /*** Create vCPU id (KVM_CREATE_VCPU) and map its kvm_run page.
 @function vm:vcpu
 @tparam integer id 0..
@@ -39,15 +80,8 @@ int l_vm_vcpu(lua_State *L) {
   lua_Integer id = luaL_checkinteger(L, 2);
   luaL_argcheck(L, id >= 0, 2, "negative id");
   luaL_argcheck(L, id <= 4095, 2, "id too large");
-  int slot = 0;
-  while (slot < KVM_MAX_VCPUS && vm->vcpus[slot]) slot++;
-  if (slot == KVM_MAX_VCPUS) return luaL_error(L, "too many vCPUs (at most %d open)", KVM_MAX_VCPUS);
-  Vcpu *c = lua_newuserdatauv(L, sizeof(Vcpu), 1);
-  memset(c, 0, sizeof *c);
-  c->fd = -1;
-  luaL_setmetatable(L, VCPU_MT);
-  lua_pushvalue(L, 1);
-  lua_setiuservalue(L, -2, 1);   /* pin the VM */
+  int slot = free_slot(L, vm);
+  Vcpu *c = new_vcpu(L, 1);      /* before the fd: raising (no memory) leaks nothing */
   int fd = ioctl(vm->fd, KVM_CREATE_VCPU, (unsigned long)id);
   if (fd < 0) return kvm_fail(L, "KVM_CREATE_VCPU");
   void *run = mmap(NULL, (size_t)vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -57,13 +91,7 @@ int l_vm_vcpu(lua_State *L) {
     errno = en;
     return kvm_fail(L, "mmap kvm_run");
   }
-  c->fd = fd;
-  c->id = (int)id;
-  c->vm = vm;
-  c->run = run;
-  c->run_size = (size_t)vm->run_size;
-  c->enter = kvm_enter;
-  vm->vcpus[slot] = c;
+  attach(c, vm, slot, (int)id, fd, run, (size_t)vm->run_size);
   return 1;
 }
 

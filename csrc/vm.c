@@ -35,12 +35,7 @@ Vm *kvm_checkvm(lua_State *L, int arg) {
   return vm;
 }
 
-/*** Create a VM: open /dev/kvm and KVM_CREATE_VM.
-@function vm
-@treturn kvm.vm
-@return[2] fail, message, errno ("open /dev/kvm: No such file or directory (is the kvm module loaded? ...)")
-*/
-int l_vm_new(lua_State *L) {
+Vm *kvm_vm_push(lua_State *L) {
   Vm *vm = lua_newuserdatauv(L, sizeof(Vm), 1);
   memset(vm, 0, sizeof *vm);
   vm->fd = -1;
@@ -50,7 +45,16 @@ int l_vm_new(lua_State *L) {
   lua_newtable(L);
   lua_setfield(L, -2, "memories");
   lua_setiuservalue(L, -2, 1);
+  return vm;
+}
 
+/*** Create a VM: open /dev/kvm and KVM_CREATE_VM.
+@function vm
+@treturn kvm.vm
+@return[2] fail, message, errno ("open /dev/kvm: No such file or directory (is the kvm module loaded? ...)")
+*/
+int l_vm_new(lua_State *L) {
+  Vm *vm = kvm_vm_push(L);
   vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (vm->kvm_fd < 0) return kvm_fail(L, "open /dev/kvm");
   int v = ioctl(vm->kvm_fd, KVM_GET_API_VERSION, 0);

@@ -288,13 +288,15 @@ end
 --- Run a Lua snippet in a child lua5.4 (for things that may crash the
 -- process). Returns the exit status ("exit", code) as os.execute does, and
 -- the child's stdout.
-function support.child(src)
+-- @param src the snippet
+-- @tparam[opt] string wrap a command to run lua5.4 under ("strace -c -o F ")
+function support.child(src, wrap)
   local name = os.tmpname()
   local f = assert(io.open(name, "w"))
   f:write('package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path\n',
           'package.cpath = "./?.so;" .. package.cpath\n', src)
   f:close()
-  local p = assert(io.popen("lua5.4 " .. name .. " 2>&1"))
+  local p = assert(io.popen((wrap or "") .. "lua5.4 " .. name .. " 2>&1"))
   local out = p:read("a")
   local _, how, code = p:close()
   os.remove(name)
