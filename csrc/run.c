@@ -213,6 +213,7 @@ static int dispatch_io(RunState *rs) {
     return D_RETURN;
   }
   uint16_t port = run->io.port;
+  if (c->port_hits == NULL) c->port_hits = calloc(65536, sizeof(uint32_t));   /* the first port exit */
   if (c->port_hits) c->port_hits[port] += run->io.count;
   int unclaimed = 0;
   int st = bus_pio(&rs->vm->pio, &rs->bc, port, run->io.direction == KVM_EXIT_IO_OUT,
@@ -368,7 +369,6 @@ int l_vcpu_run(lua_State *L) {
   rs.vm = vm;
   parse_opts(L, &rs);
   push_slots(L, &rs);
-  if (c->port_hits == NULL) c->port_hits = calloc(65536, sizeof(uint32_t));
 
   c->running = 1;
   vm->running++;

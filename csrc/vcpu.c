@@ -124,12 +124,13 @@ void kvm_vcpu_retire(Vcpu *c) {
   for (int i = 0; i < KVM_MAX_VCPUS; i++)
     if (vm->vcpus[i] == c) vm->vcpus[i] = NULL;
   add_stats(&vm->retired, &c->stats);
-  if (c->port_hits) {
-    if (vm->retired_ports == NULL) vm->retired_ports = calloc(65536, sizeof(uint32_t));
-    for (int k = 0; vm->retired_ports && k < 65536; k++) vm->retired_ports[k] += c->port_hits[k];
+  if (c->port_hits && vm->retired_ports == NULL) {
+    vm->retired_ports = c->port_hits;      /* the first to go hands its counters over */
+  } else if (c->port_hits) {
+    for (int k = 0; k < 65536; k++) vm->retired_ports[k] += c->port_hits[k];
     free(c->port_hits);
-    c->port_hits = NULL;
   }
+  c->port_hits = NULL;
 }
 
 static int l_vcpu_close(lua_State *L) {
