@@ -80,6 +80,14 @@ function support.with_kvm(fn)
 end
 
 --- Read a file's bytes.
+--- Run a shell command: its output (stderr too) and exit status (0 = success).
+function support.sh(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return out, ok and 0 or code
+end
+
 function support.slurp(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("a")

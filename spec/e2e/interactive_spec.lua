@@ -7,12 +7,7 @@
 -- nested, where make run then finds kvm_amd and boots directly.
 local support = require "support"
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, ok and 0 or code
-end
+local sh = support.sh
 
 local function exists(p)
   local f = io.open(p, "rb")

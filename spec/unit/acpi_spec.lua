@@ -3,6 +3,7 @@
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
 local acpi = require "kvm.acpi"
+local support = require "support"
 
 local unpack = string.unpack
 
@@ -312,12 +313,7 @@ end)
 
 -- ---- iasl ----
 
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return out, ok and 0 or code
-end
+local sh = support.sh
 
 local function slurp(path)
   local f = assert(io.open(path, "rb"))
