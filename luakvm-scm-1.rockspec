@@ -24,8 +24,8 @@ build = {
   type = "builtin",
   modules = {
     ["kvm.core"] = {
-      -- core, then the VM, then memory, vCPU, run loop and bus, then the devices
-      sources = { "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/run.c",
+      -- the helpers, the module, the VM, then memory, vCPU, run loop and bus, then the devices
+      sources = { "csrc/util.c", "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/run.c",
                   "csrc/exit.c", "csrc/bus.c", "csrc/sink.c", "csrc/uart.c", "csrc/legacy.c",
                   "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
                   "csrc/elf.c", "csrc/sandbox.c" },

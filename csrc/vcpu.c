@@ -22,11 +22,6 @@ static Vcpu *tovcpu(lua_State *L, int arg) {
   return (Vcpu *)luaL_checkudata(L, arg, VCPU_MT);
 }
 
-Vcpu *kvm_checkvcpu(lua_State *L, int arg) {
-  Vcpu *c = tovcpu(L, arg);
-  if (c->fd < 0) luaL_error(L, "attempt to use a closed kvm.vcpu");
-  return c;
-}
 
 /* a free slot in vm->vcpus, or raise */
 static int free_slot(lua_State *L, const Vm *vm) {

@@ -29,11 +29,6 @@ static Vm *tovm(lua_State *L, int arg) {
   return (Vm *)luaL_checkudata(L, arg, VM_MT);
 }
 
-Vm *kvm_checkvm(lua_State *L, int arg) {
-  Vm *vm = tovm(L, arg);
-  if (vm->fd < 0) luaL_error(L, "attempt to use a closed kvm.vm");
-  return vm;
-}
 
 Vm *kvm_vm_push(lua_State *L) {
   Vm *vm = lua_newuserdatauv(L, sizeof(Vm), 1);
