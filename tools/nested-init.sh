@@ -24,7 +24,6 @@ insmod /lib/modules/kvm-amd.ko $(cat /run/kvm_amd_options) || fail "insmod kvm-a
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm-amd (does the CPU offer SVM?)"
 mount -t 9p -o "$o,ro" hostroot /host || fail "cannot mount the host's /"
 checkout=$(cat /run/checkout)
-mount -t 9p -o "$o" checkout "/host$checkout" || fail "cannot mount the checkout at $checkout"
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
@@ -35,6 +34,9 @@ mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mkdir -p /host/run/luakvm
 mount --bind /run /host/run/luakvm
+# the checkout last: it may lie under /tmp or /run, which are the guest's own now
+mkdir -p "/host$checkout" 2>/dev/null
+mount -t 9p -o "$o" checkout "/host$checkout" || fail "cannot mount the checkout at $checkout"
 echo "nested-init: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
 if [ "$(cat /run/interactive)" = 1 ]; then
