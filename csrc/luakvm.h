@@ -124,16 +124,6 @@ int  kvm_push_exit(lua_State *L, int vcpu_idx, Vcpu *c, const char *reason_overr
 uint8_t *kvm_io_data(const Vcpu *c, uint64_t *bytes);
 int  kvm_elf_load(lua_State *L);      /* elf.c: vm:load_elf(path) */
 
-/* the vm: methods the device files define (one line each in vm.c) */
-int  l_vm_serial(lua_State *L);                      /* uart.c */
-int  l_vm_legacy_ports(lua_State *L);                 /* legacy.c */
-int  l_vm_boot_markers(lua_State *L);                 /* legacy.c */
-int  l_vm_debug_exit(lua_State *L);                   /* debugexit.c */
-int  l_vm_debugcon(lua_State *L);                     /* debugcon.c */
-int  l_vm_power(lua_State *L);                        /* power.c */
-int  l_vm_on_io(lua_State *L);                        /* luadev.c */
-int  l_vm_on_mmio(lua_State *L);                      /* luadev.c */
-
 /* run.c */
 int  kvm_enter(Vcpu *c);                              /* KVM_RUN */
 int  l_vcpu_run(lua_State *L);

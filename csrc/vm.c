@@ -325,6 +325,17 @@ static int l_vm_regions(lua_State *L) {
   return 1;
 }
 
+/* the devices: each file defines its vm: method; registering a device is
+   its line here and in the table below (and its file in the rockspec) */
+int l_vm_serial(lua_State *L);        /* uart.c */
+int l_vm_legacy_ports(lua_State *L);  /* legacy.c */
+int l_vm_boot_markers(lua_State *L);  /* legacy.c */
+int l_vm_power(lua_State *L);         /* power.c */
+int l_vm_debugcon(lua_State *L);      /* debugcon.c */
+int l_vm_debug_exit(lua_State *L);    /* debugexit.c */
+int l_vm_on_io(lua_State *L);         /* luadev.c */
+int l_vm_on_mmio(lua_State *L);       /* luadev.c */
+
 static const luaL_Reg vm_methods[] = {
   {"close", l_vm_close},
   {"memory", l_vm_memory},
