@@ -201,11 +201,15 @@ uint64_t kvm_devices_tick_ns(Vm *vm) {
 }
 
 /* run op over every device that has it, stopping at the first that does not
-   return BUS_OK; the lock is taken for devices that are not Lua's */
+   return BUS_OK; the lock is taken for devices that are not Lua's. Over a
+   copy of the list: an output function may add or remove devices. */
 static int each(Vm *vm, BusCall *bc, int (*pick(const DeviceOps *))(Device *, BusCall *)) {
+  Device *devs[KVM_MAX_DEVICES];
+  int n = vm->ndevs;
+  memcpy(devs, vm->devs, (size_t)n * sizeof(Device *));
   int outcome = BUS_OK;
-  for (int i = 0; i < vm->ndevs && outcome == BUS_OK; i++) {
-    Device *d = vm->devs[i];
+  for (int i = 0; i < n && outcome == BUS_OK; i++) {
+    Device *d = devs[i];
     int (*op)(Device *, BusCall *) = pick(d->ops);
     if (op == NULL || d->closed) continue;
     if (!d->ops->lua) pthread_mutex_lock(&d->lock);
@@ -226,13 +230,15 @@ void kvm_devices_begin_run(Vm *vm) {
     if (vm->devs[i]->ops->begin_run && !vm->devs[i]->closed) vm->devs[i]->ops->begin_run(vm->devs[i]);
 }
 
+/* in the reverse order of begin_run: two UARTs on one terminal leave it
+   as the first found it */
 void kvm_devices_end_run(Vm *vm) {
-  for (int i = 0; i < vm->ndevs; i++)
+  for (int i = vm->ndevs - 1; i >= 0; i--)
     if (vm->devs[i]->ops->end_run) vm->devs[i]->ops->end_run(vm->devs[i]);
 }
 
 void kvm_devices_close(Vm *vm) {
-  for (int i = 0; i < vm->ndevs; i++) close_device(vm->devs[i]);
+  for (int i = vm->ndevs - 1; i >= 0; i--) close_device(vm->devs[i]);
 }
 
 void kvm_devices_stats(Vm *vm, lua_State *L) {

@@ -24,10 +24,11 @@ static int debugcon_access(Device *d, BusCall *bc, uint64_t addr, int is_write, 
                            uint8_t *data) {
   Debugcon *dc = (Debugcon *)d;
   for (unsigned i = 0; i < size; i++) {
-    if (is_write) sink_put(&dc->out, data[i]);
-    else data[i] = (uint8_t)dc->port;
+    if (!is_write) { data[i] = (uint8_t)dc->port; continue; }
+    sink_put(&dc->out, data[i]);
+    if (dc->out.want && sink_flush(&dc->out, bc) != BUS_OK) return BUS_ERROR;   /* full: out now */
   }
-  return dc->out.want ? sink_flush(&dc->out, bc) : BUS_OK;
+  return BUS_OK;
 }
 
 static int debugcon_flush(Device *d, BusCall *bc) {
@@ -35,8 +36,7 @@ static int debugcon_flush(Device *d, BusCall *bc) {
 }
 
 static void debugcon_stats(Device *d, lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)((Debugcon *)d)->out.bytes);
-  lua_setfield(L, -2, "debugcon_tx");
+  kvm_add_count(L, "debugcon_tx", ((Debugcon *)d)->out.bytes);
 }
 
 static const DeviceOps debugcon_ops = {

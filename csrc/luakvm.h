@@ -91,6 +91,8 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg);
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
 
 int kvm_checkcap(lua_State *L, int arg);
+/* t[k] += n for the table on the stack top (a counter several devices add to) */
+void kvm_add_count(lua_State *L, const char *k, uint64_t n);
 /* an options table at idx, the top: {} for nil or none, raise for a non-table */
 void kvm_opt_table(lua_State *L, int idx);
 /* the metatable `name` with the metamethods `meta`; `methods` are its

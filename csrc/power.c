@@ -63,8 +63,7 @@ static int power_access(Device *d, BusCall *bc, uint64_t addr, int is_write, uns
 }
 
 static void power_stats(Device *d, lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)((Power *)d)->sleeps);
-  lua_setfield(L, -2, "sleep_requests");
+  kvm_add_count(L, "sleep_requests", ((Power *)d)->sleeps);
 }
 
 static const DeviceOps power_ops = {
@@ -101,6 +100,7 @@ int l_vm_power(lua_State *L) {
   if (!clash) clash = bus_clash(&vm->pio, 0, cnt, cnt + 1u, buf, sizeof buf);
   if (!clash && evt <= cnt + 1u && cnt <= evt + 3u) clash = "the event and control blocks overlap";
   if (!clash && vm->ndevs >= KVM_MAX_DEVICES) clash = "too many devices";
+  if (!clash && vm->pio.n + 2 > BUS_MAX_RANGES) clash = "too many port ranges";
   if (clash) return luaL_error(L, "vm:power: %s", clash);
   Power *pw = kvm_device_new(L, 1, sizeof(Power), &power_ops);
   pw->evt = evt;

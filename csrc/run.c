@@ -135,12 +135,18 @@ static int start_timer(lua_State *L, RunState *rs) {
   return 0;
 }
 
+/* the timer, the signals, the terminal; the vCPU still counts as running
+   (run_done) until the devices' output went out, so that an output function
+   cannot close or run it meanwhile */
 static void run_cleanup(RunState *rs) {
   if (rs->has_timer) { timer_delete(rs->timer); rs->has_timer = 0; }
   if (rs->int_installed) { sigaction(SIGINT, &rs->old_int, NULL); rs->int_installed = 0; }
   tl_run = NULL;
   if (rs->c->run) rs->c->run->immediate_exit = 0;
   kvm_devices_end_run(rs->vm);
+}
+
+static void run_done(RunState *rs) {
   rs->c->running = 0;
   rs->vm->running--;
 }
@@ -330,9 +336,12 @@ static int finish(lua_State *L, RunState *rs, int outcome, int kvm_errno) {
     rs->bc.msgh = 0;
     (void)kvm_devices_flush(rs->vm, &rs->bc);
     lua_settop(L, S_OUT + 1);
+    run_done(rs);
     return lua_error(L);
   }
-  if (kvm_devices_flush(rs->vm, &rs->bc) != BUS_OK) return lua_error(L);
+  int flushed = kvm_devices_flush(rs->vm, &rs->bc);
+  run_done(rs);
+  if (flushed != BUS_OK) return lua_error(L);
   if (kvm_errno) { errno = kvm_errno; return kvm_fail(L, "KVM_RUN"); }
   kvm_push_exit(L, S_VCPU, c, rs->why);
   if (rs->why && strcmp(rs->why, "debug_exit") == 0) {
@@ -374,7 +383,7 @@ int l_vcpu_run(lua_State *L) {
   vm->running++;
   int r = install_signals(L, &rs);
   if (!r) r = start_timer(L, &rs);
-  if (r) { run_cleanup(&rs); return r; }
+  if (r) { run_cleanup(&rs); run_done(&rs); return r; }
   kvm_devices_begin_run(vm);
   tl_run = c->run;
   tl_tick = 0;

@@ -66,5 +66,10 @@ int sink_flush(Sink *k, BusCall *bc) {
     return BUS_OK;
   }
   lua_pushlstring(L, k->buf, n);
-  return lua_pcall(L, 1, 0, bc->msgh) == LUA_OK ? BUS_OK : BUS_ERROR;
+  /* a handler as far as run() is concerned: it may not run a vCPU */
+  Vm *vm = bc->c ? bc->c->vm : NULL;
+  if (vm) vm->in_handler++;
+  int st = lua_pcall(L, 1, 0, bc->msgh);
+  if (vm) vm->in_handler--;
+  return st == LUA_OK ? BUS_OK : BUS_ERROR;
 }

@@ -377,18 +377,10 @@ static void uart_close(Device *d) {
 }
 
 /* vm:stats(): serial_tx and serial_rx over every UART */
-static void add_count(lua_State *L, const char *k, uint64_t n) {
-  lua_getfield(L, -1, k);
-  lua_Integer have = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  lua_pushinteger(L, have + (lua_Integer)n);
-  lua_setfield(L, -2, k);
-}
-
 static void uart_stats(Device *d, lua_State *L) {
   Uart *s = (Uart *)d;
-  add_count(L, "serial_tx", s->out.bytes);
-  add_count(L, "serial_rx", s->rx_bytes);
+  kvm_add_count(L, "serial_tx", s->out.bytes);
+  kvm_add_count(L, "serial_rx", s->rx_bytes);
 }
 
 static const DeviceOps uart_ops = {

@@ -60,6 +60,14 @@ uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len) {
   return NULL;
 }
 
+void kvm_add_count(lua_State *L, const char *k, uint64_t n) {
+  lua_getfield(L, -1, k);
+  lua_Integer have = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_pushinteger(L, have + (lua_Integer)n);
+  lua_setfield(L, -2, k);
+}
+
 /* an open kvm.vm / kvm.vcpu at arg, or raise */
 Vm *kvm_checkvm(lua_State *L, int arg) {
   Vm *vm = (Vm *)luaL_checkudata(L, arg, VM_MT);

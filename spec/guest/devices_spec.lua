@@ -124,6 +124,23 @@ describe("devices on the bus #guest", function()
       vm:close()
     end)
 
+    it("loses nothing when a wide write fills its buffer, and sums two consoles' counters", function()
+      support.need_kvm()
+      local got = {}
+      -- out 0xe9, al; then 1024 x out dx, eax (4 bytes each): 4097 bytes
+      -- mov cx, 1024; l: out dx, eax; loop l; hlt
+      local code = dx(0xe9) .. al(0x41) .. OUT_AL .. "\x66\xb8AAAA" .. "\xb9\x00\x04" .. "\x66\xef\xe2\xfc"
+        .. dx(0xea) .. OUT_AL .. HLT
+      local vm, cpu = guest(code, function(v)
+        v:debugcon{ output = function(b) got[#got + 1] = b end }
+        v:debugcon{ port = 0xea, output = false }
+      end)
+      assert.equal("hlt", cpu:run{ timeout = 5 }.reason)
+      assert.equal(4097, #table.concat(got))
+      assert.equal(4098, vm:stats().debugcon_tx)
+      vm:close()
+    end)
+
     it("refuses a taken port or a bad output, claiming nothing", function()
       support.need_kvm()
       local vm = guest(HLT, function(v) v:debug_exit(0xe9) end)
@@ -131,6 +148,41 @@ describe("devices on the bus #guest", function()
       assert.matches("'output' must be a file, a function or false",
         select(2, pcall(vm.debugcon, vm, { port = 0x400, output = 1 })), 1, true)
       assert.equal(1, #vm:claims())
+      vm:close()
+    end)
+  end)
+
+  describe("output functions called by run()", function()
+    -- mov dx, 0x3f8; mov al, 'A'; out dx, al; hlt
+    local CODE = dx(0x3f8) .. al(0x41) .. OUT_AL .. HLT
+    it("cannot close the vCPU or run it again: run() raises, the process lives", function()
+      support.need_kvm()
+      for _, what in ipairs{ "close", "run" } do
+        local vm, cpu
+        vm, cpu = guest(CODE, function(v)
+          v:serial{ output = function() if what == "close" then cpu:close() else cpu:run() end end }
+        end)
+        local ok, err = pcall(cpu.run, cpu, { timeout = 5 })
+        assert.is_false(ok)
+        assert.matches(what == "close" and "cannot close a kvm.vcpu while it runs" or "re-entry is not allowed", err, 1, true)
+        assert.matches("^kvm.vcpu 0 %(fd %d+%)$", tostring(cpu))   -- open, not running
+        assert.is_true(pcall(vm.close, vm))                          -- nothing runs now
+        vm:close()
+      end
+    end)
+
+    it("may remove another device: every device's output still goes out", function()
+      support.need_kvm()
+      local got = {}
+      local code = dx(0xe9) .. al(0x58) .. OUT_AL .. dx(0x3f8) .. al(0x41) .. OUT_AL .. HLT
+      local vm, cpu = guest(code, function(v)
+        v:on_io(0x500, function() end)
+        v:serial{ output = function(b) got[#got + 1] = "uart:" .. b; v:on_io(0x500, nil) end }
+        v:debugcon{ output = function(b) got[#got + 1] = "con:" .. b end }
+      end)
+      assert.equal("hlt", cpu:run{ timeout = 5 }.reason)
+      table.sort(got)
+      assert.same({ "con:X", "uart:A" }, got)
       vm:close()
     end)
   end)
