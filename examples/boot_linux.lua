@@ -1,8 +1,10 @@
 #!/usr/bin/env lua5.4
 --- boot_linux.lua: boot a Linux kernel on the serial console.
 --
--- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256M]
+-- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256]
 --          [--cmdline "..."] [--append "..."] [--timeout SECONDS] [--status]
+--        lua5.4 examples/boot_linux.lua --help | --version
+-- (installed by the rock as `kvm-boot`; --help lists the options and their defaults)
 --
 -- KERNEL is an ELF vmlinux or a bzImage (`make kernel` fetches Debian's cloud
 -- kernel into guest-kernel/). The guest's console is this terminal: with an
@@ -20,24 +22,82 @@
 --   [    0.000000] Command line: console=ttyS0 earlyprintk=serial,ttyS0,115200 ...
 --   ...
 --   [    0.xxxxxx] printk: console [ttyS0] enabled
-local root = (arg and arg[0] or ""):match("^(.*)/examples/[^/]*$") or "."
-package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
-package.cpath = root .. "/?.so;" .. package.cpath
+-- from a checkout (examples/boot_linux.lua), the checkout's modules and
+-- kvm/core.so; installed (kvm-boot), the ones on the module paths
+local script = arg and arg[0] or ""
+local root = script:match("^(.*)/examples/[^/]*$") or (script:match("^examples/[^/]*$") and ".")
+if root then
+  package.path = root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua;" .. package.path
+  package.cpath = root .. "/?.so;" .. package.cpath
+end
 
 local linux = require "kvm.linux"
 local cli = require "kvm.cli"
 
+-- how to run this script again: "lua5.4 examples/boot_linux.lua" or "kvm-boot"
+local prog = root and "lua5.4 examples/boot_linux.lua" or script:match("[^/]*$")
+local me = root and "boot_linux" or prog   -- the messages' prefix
+
+local OPTIONS = { initrd = "string", mem = "mib", cmdline = "string", append = "string",
+                  timeout = "number", status = "flag", version = "flag" }
+
+local function help()
+  local cmdline = ("  " .. linux.DEFAULT_CMDLINE):gsub("(" .. ("."):rep(60) .. "%S*) ", "%1\n  ")
+  io.stdout:write((([[
+usage: PROG KERNEL [options]
+       PROG --help | --version
+Boot a Linux kernel (an ELF vmlinux or a bzImage) with this terminal as its
+serial console (you type at the guest; Ctrl-C stops it).
+
+options (default in brackets):
+  --initrd FILE      the initramfs [none]
+  --mem SIZE         guest RAM: a bare number is MiB, or with a suffix: 256M,
+                     1G, 65536K; 16M or more, a multiple of 2M [MEM]
+  --cmdline "..."    replaces the default kernel command line [below]
+  --append "..."     adds to the command line: the default one or --cmdline's
+                     [nothing]
+  --timeout SECONDS  stop the guest after SECONDS [none: run until it stops]
+  --status           every 5 s, the elapsed time and the console's last line
+                     on stderr [off]
+  -h, --help         this help, then exit
+  --version          the version, then exit
+A host profile (kvm.hostprofile; named on stderr when one applies) adds its
+parameters after the command line, before --append's.
+
+default command line:
+CMDLINE
+
+exit status:
+  0    the guest powered off (ACPI S5)
+  5    it halted for good (a poweroff without ACPI)
+  4    it reset (reboot)
+  124  --timeout ran out
+  130  Ctrl-C
+  3    a fatal exit (RIP, the code bytes there and the console's last lines
+       are printed on stderr)
+  1    the set-up failed (kernel, initrd, memory, /dev/kvm)
+  2    bad usage
+]]):gsub("PROG", prog):gsub("MEM", (linux.DEFAULT_MEMORY >> 20) .. "M")
+   :gsub("CMDLINE", function() return cmdline end)))
+  os.exit(0)
+end
+
 local function usage(msg)
-  if msg then io.stderr:write("boot_linux: ", msg, "\n") end
-  io.stderr:write("usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256M]\n",
-                  "         [--cmdline \"...\"] [--append \"...\"] [--timeout SECONDS] [--status]\n")
+  io.stderr:write(me, ": ", msg, " (try: ", prog, " --help)\n")
   os.exit(2)
 end
 
-local args, bad = cli.parse(arg, { initrd = "string", mem = "size", cmdline = "string", append = "string",
-                                    timeout = "number", status = "flag" })
-if not args or args.help then usage(bad) end
+local args, bad = cli.parse(arg, OPTIONS)
+if not args then usage(bad) end
+if args.help then help() end
+if args.version then
+  io.stdout:write(me, " (luakvm) ", require("kvm.core")._VERSION, "\n")
+  os.exit(0)
+end
 if not args[1] then usage("no kernel given") end
+if args.mem and (args.mem < 16 << 20 or args.mem % (2 << 20) ~= 0) then
+  usage("--mem: 16M or more, a multiple of 2M expected")
+end
 
 -- the console: straight to the terminal, remembering the last lines for
 -- --status and for the report of a fatal exit
@@ -49,23 +109,23 @@ local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cmdlin
 
 local ctx, err = linux.setup(opts)
 if not ctx then
-  io.stderr:write("boot_linux: ", err, "\n")
+  io.stderr:write(me, ": ", err, "\n")
   os.exit(1)
 end
 if ctx.profile then
-  io.stderr:write("boot_linux: host profile '", ctx.profile.name, "': ", ctx.profile.description, "\n")
+  io.stderr:write(me, ": host profile '", ctx.profile.name, "': ", ctx.profile.description, "\n")
 end
-ctx.log = function(msg) io.stderr:write("\r\nboot_linux: ", msg, "\r\n") end
+ctx.log = function(msg) io.stderr:write("\r\n", me, ": ", msg, "\r\n") end
 
 local e = linux.run(ctx, { timeout = opts.timeout, every = args.status and 5 or nil,
   on_tick = function(_, elapsed)
-    io.stderr:write(string.format("\r\27[2K[boot_linux %4ds] %s\n", math.floor(elapsed), console.last:sub(1, 100)))
+    io.stderr:write(string.format("\r\27[2K[%s %4ds] %s\n", me, math.floor(elapsed), console.last:sub(1, 100)))
   end })
 
 local elapsed = os.time() - start
 io.stdout:flush()
 local function say(fmt, ...)
-  io.stderr:write("\r\nboot_linux: ", string.format(fmt, ...), "\n")
+  io.stderr:write("\r\n", me, ": ", string.format(fmt, ...), "\n")
 end
 
 -- a fatal exit: where the guest was, the bytes it stopped on, what it last said
@@ -76,10 +136,10 @@ local function report_fatal()
     local gpa = ctx.cpu:translate(r.rip)
     local okr, bytes = pcall(ctx.vm.read, ctx.vm, gpa or r.rip, 16)
     if gpa and okr then code = bytes:gsub(".", function(c) return string.format("%02x ", c:byte()) end) end
-    io.stderr:write(string.format("boot_linux: RIP 0x%016x RSP 0x%016x RFLAGS 0x%x\n", r.rip, r.rsp, r.rflags))
-    io.stderr:write("boot_linux: code at RIP: ", code, "\n")
+    io.stderr:write(me, string.format(": RIP 0x%016x RSP 0x%016x RFLAGS 0x%x\n", r.rip, r.rsp, r.rflags))
+    io.stderr:write(me, ": code at RIP: ", code, "\n")
   end
-  io.stderr:write("boot_linux: the console's last lines:\n")
+  io.stderr:write(me, ": the console's last lines:\n")
   for _, line in ipairs(console.lines) do io.stderr:write("  | ", line, "\n") end
 end
 
@@ -101,7 +161,7 @@ else
   code = 3
   say("the guest stopped after %ds: %s", elapsed, tostring(e))
   if e.reason == "internal_error" then
-    io.stderr:write("boot_linux: the host could not emulate this instruction; see kvm.hostprofile\n")
+    io.stderr:write(me, ": the host could not emulate this instruction; see kvm.hostprofile\n")
   end
   report_fatal()
 end

@@ -14,11 +14,12 @@ local SHIFT = { [""] = 0, k = 10, K = 10, m = 20, M = 20, g = 30, G = 30 }
 
 --- A size in bytes from "4096", "64K", "256M" or "1G".
 -- @tparam string s
+-- @tparam[opt=""] string unit what a bare number counts: "" bytes, "K", "M" or "G"
 -- @treturn ?integer bytes, or nil when `s` is not such a size
-function cli.size(s)
-  local n, unit = tostring(s):match("^(%d+)([KkMmGg]?)$")
+function cli.size(s, unit)
+  local n, suffix = tostring(s):match("^(%d+)([KkMmGg]?)$")
   if not n then return nil end
-  return math.tointeger(n) << SHIFT[unit]
+  return math.tointeger(n) << SHIFT[suffix ~= "" and suffix or unit or ""]
 end
 
 -- option kinds: the value from the argument that follows, or nil
@@ -26,13 +27,16 @@ local KINDS = {
   string = function(v) return v end,
   number = tonumber,
   size = cli.size,
+  mib = function(v) return cli.size(v, "M") end,
 }
-local WANT = { number = "a number expected", size = "a size like 256M expected" }
+local WANT = { number = "a number expected", size = "a size like 256M expected",
+               mib = "a size like 256M expected" }
 
 --- Parse a script's arguments: `--name VALUE` for the named options,
 -- `--name` for flags, `-h`/`--help`, and positional arguments.
 -- @tparam table args the script's `arg`
--- @tparam table options `{name = kind}`: kind "string", "number", "size" (`cli.size`) or "flag"
+-- @tparam table options `{name = kind}`: kind "string", "number", "size" (`cli.size`),
+--   "mib" (a size where a bare number counts MiB, as QEMU's -m: "256" is 256M) or "flag"
 -- @tparam[opt=1] integer max_args how many positional arguments are allowed
 -- @treturn table `{name = value, ..., help = true (for -h or --help), [1] = the first positional, ...}`
 -- @return[2] nil, message: "--mem needs a value", "--mem: a size like 256M expected",

@@ -32,6 +32,16 @@ describe("kvm.cli", function()
     assert.is_nil(cli.size("1T"))
     assert.is_nil(cli.size("-1M"))
     assert.is_nil(cli.size(""))
+    assert.same({ 256 << 20, 64 << 10, 1 << 30, 4096 },
+      { cli.size("256", "M"), cli.size("64K", "M"), cli.size("1g", "M"), cli.size("4096", "") })
+  end)
+
+  it("reads a \"mib\" option: a bare number counts MiB, suffixes still work", function()
+    local o = { mem = "mib" }
+    assert.same({ mem = 256 << 20 }, cli.parse({ "--mem", "256" }, o))
+    assert.same({ mem = 1 << 30 }, cli.parse({ "--mem", "1G" }, o))
+    assert.same({ mem = 512 << 10 }, cli.parse({ "--mem", "512K" }, o))
+    assert.same({ nil, "--mem: a size like 256M expected" }, { cli.parse({ "--mem", "1T" }, o) })
   end)
 
   it("names a checkout's kernel files and tells whether a file exists", function()
