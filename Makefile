@@ -20,7 +20,7 @@ ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sa
 DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make tmux \
            pkg-config lz4 cpio busybox-static gzip zip unzip qemu-system-x86 acpica-tools \
            lua-check cppcheck clang-tidy clang libclang-rt-14-dev \
-           valgrind strace
+           valgrind strace lua-ldoc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps:

@@ -48,7 +48,7 @@ bootparams.XLF_EFI_HANDOVER_64 = 0x08
 bootparams.XLF_EFI_KEXEC = 0x10
 bootparams.XLF_5LEVEL = 0x20
 bootparams.XLF_5LEVEL_ENABLED = 0x40
---- e820 entry types under the kernel's names (`E820_RAM` ...): kvm.e820's
+-- e820 entry types under the kernel's names (`E820_RAM` ...): kvm.e820's
 -- constants (`e820.RAM` ...), their one home.
 for _, name in ipairs{ "RAM", "RESERVED", "ACPI", "NVS", "UNUSABLE", "PMEM" } do
   bootparams["E820_" .. name] = e820[name]
