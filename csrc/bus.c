@@ -151,11 +151,14 @@ void kvm_vm_unref(lua_State *L, int vm_idx, int ref) {
 
 /* ---- the VM's devices ---- */
 
+void kvm_device_room(lua_State *L, Vm *vm) {
+  if (vm->ndevs >= KVM_MAX_DEVICES) luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+}
+
 void *kvm_device_new(lua_State *L, int vm_idx, size_t size, const DeviceOps *ops) {
   Vm *vm = kvm_checkvm(L, vm_idx);
   vm_idx = lua_absindex(L, vm_idx);
-  if (vm->ndevs >= KVM_MAX_DEVICES)
-    luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+  kvm_device_room(L, vm);
   Device *d = lua_newuserdatauv(L, size, 1);
   memset(d, 0, size);
   d->ops = ops;

@@ -97,6 +97,9 @@ int bus_mmio(Bus *b, BusCall *bc, uint64_t addr, int is_write, unsigned size, ui
 /* Devices of a VM (in vm->devs): create one in a new userdata left on the
    stack top, kept alive by the VM (at stack index vm_idx) until removed. */
 void *kvm_device_new(lua_State *L, int vm_idx, size_t size, const DeviceOps *ops);
+/* raise "too many devices" when the VM has no room for one more (a
+   constructor calls it before it changes anything) */
+void kvm_device_room(lua_State *L, Vm *vm);
 /* release its ranges, close it and let it go */
 void kvm_device_remove(lua_State *L, int vm_idx, Device *d);
 /* the first device with these ops, or NULL */

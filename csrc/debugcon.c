@@ -65,7 +65,7 @@ int l_vm_debugcon(lua_State *L) {
   char buf[128];
   const char *clash = bus_clash(&vm->pio, 0, (uint64_t)port, (uint64_t)port, buf, sizeof buf);
   if (clash) return luaL_error(L, "vm:debugcon: %s", clash);
-  if (vm->ndevs >= KVM_MAX_DEVICES) return luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+  kvm_device_room(L, vm);
   Sink out;
   sink_open(L, &out, 2, "output", "vm:debugcon");
   Debugcon *dc = kvm_device_new(L, 1, sizeof(Debugcon), &debugcon_ops);

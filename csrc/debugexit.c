@@ -11,11 +11,6 @@
 
 #include "luakvm.h"
 
-typedef struct DebugExit {
-  Device dev;
-  uint16_t port;
-} DebugExit;
-
 static int debugexit_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
                             uint8_t *data) {
   if (!is_write) {
@@ -47,9 +42,8 @@ int l_vm_debug_exit(lua_State *L) {
   char buf[128];
   const char *clash = bus_clash(&vm->pio, 0, port, port, buf, sizeof buf);
   if (clash) return luaL_error(L, "%s", clash);
-  DebugExit *x = kvm_device_new(L, 1, sizeof(DebugExit), &debugexit_ops);
-  x->port = (uint16_t)port;
-  bus_claim(L, &vm->pio, 0, port, port, &x->dev);
+  Device *d = kvm_device_new(L, 1, sizeof(Device), &debugexit_ops);
+  bus_claim(L, &vm->pio, 0, port, port, d);
   lua_settop(L, 1);
   return 1;
 }

@@ -53,7 +53,6 @@ typedef struct Legacy {
   Marker markers[MAX_MARKERS];
   int nmarkers;
   uint64_t markers_dropped;
-  int reset_requested;
 } Legacy;
 
 /* i8042 status bits */
@@ -107,7 +106,6 @@ static void legacy_reset(Legacy *lg) {
   lg->pci_addr = 0;
   lg->pci_rcr = 0;
   lg->post_last = 0;
-  lg->reset_requested = 0;
 }
 
 /* ---- i8042 ---- */
@@ -160,7 +158,7 @@ static uint8_t kbd_read_data(Legacy *lg) {
 /* a controller command on port 0x64; 1 for a reset */
 static int kbd_command(Legacy *lg, uint8_t cmd) {
   if (cmd >= 0xf0) {                 /* pulse output port bits 3-0 low where cmd has 0 */
-    if (!(cmd & 0x01)) { lg->reset_requested = 1; return 1; }
+    if (!(cmd & 0x01)) { return 1; }
     return 0;
   }
   if (cmd == 0x20) { kbd_queue(lg, lg->i8042_ctr, 0); return 0; }
@@ -199,7 +197,7 @@ static int kbd_write_data(Legacy *lg, uint8_t v) {
   case 0x60: lg->i8042_ctr = v; kbd_update_irq(lg); return 0;
   case 0xd1:
     lg->i8042_outport = v;
-    if (!(v & 0x01)) { lg->reset_requested = 1; return 1; }
+    if (!(v & 0x01)) { return 1; }
     return 0;
   case 0xd2: kbd_queue(lg, v, 0); return 0;        /* as if the keyboard sent it */
   case 0xd3: kbd_queue(lg, v, Q_AUX); return 0;    /* as if the mouse sent it */
@@ -370,7 +368,7 @@ static int pci_io(Legacy *lg, uint16_t port, int is_write, unsigned size, uint8_
   if (port == 0xcf9 && size == 1) {
     if (!is_write) { data[0] = lg->pci_rcr; return 0; }
     lg->pci_rcr = data[0] & 0x0a;
-    if (data[0] & 0x04) { lg->reset_requested = 1; return 1; }
+    if (data[0] & 0x04) { return 1; }
     return 0;
   }
   /* no devices: configuration data reads all ones; other partial accesses

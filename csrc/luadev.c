@@ -19,7 +19,6 @@ typedef struct LuaDev {
   Device dev;
   int fn;                        /* the function's key in the VM's table */
   int is_mmio;
-  uint64_t first, last;
 } LuaDev;
 
 /* the value a handler returned: kvm.STOP / POWEROFF / RESET ask run() to
@@ -140,8 +139,6 @@ static int set_handler(lua_State *L, int is_mmio, uint64_t first, uint64_t last,
   LuaDev *h = kvm_device_new(L, 1, sizeof(LuaDev), &luadev_ops);
   h->fn = kvm_vm_ref(L, 1, fnarg);
   h->is_mmio = is_mmio;
-  h->first = first;
-  h->last = last;
   bus_claim(L, b, is_mmio, first, last, &h->dev);
   lua_pop(L, 1);
   return 0;

@@ -457,7 +457,7 @@ int l_vm_serial(lua_State *L) {
   char buf[128];
   const char *clash = bus_clash(&vm->pio, 0, port, port + 7, buf, sizeof buf);
   if (clash) return luaL_error(L, "%s", clash);
-  if (vm->ndevs >= KVM_MAX_DEVICES) return luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+  kvm_device_room(L, vm);
   Sink out;                              /* raises on a bad output, before anything changed */
   sink_open(L, &out, 2, "output", "vm:serial");
   Uart *s = kvm_device_new(L, 1, sizeof(Uart), &uart_ops);
