@@ -30,14 +30,9 @@ boot.TIMEOUT = tonumber(os.getenv("BOOT_TIMEOUT") or "300")
 boot.OUT = "bench/out"
 
 --- The command line our boot uses on this host: linux.DEFAULT_CMDLINE plus
--- the detected host profile's parameters (what linux.setup builds).
+-- the detected host profile's parameters (what linux.plan builds).
 function boot.cmdline()
-  local cmdline = linux.DEFAULT_CMDLINE
-  local profile = hostprofile.detect()
-  if profile and profile.cmdline and profile.cmdline ~= "" then
-    cmdline = cmdline .. " " .. profile.cmdline
-  end
-  return cmdline
+  return linux.cmdline({}, hostprofile.detect())
 end
 
 local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
