@@ -80,21 +80,20 @@ describe("examples #guest", function()
     code, out = run("lua5.4 examples/boot_linux.lua --version 2>/dev/null")
     assert.equal(0, code, out)
     assert.matches("^boot_linux %(luakvm%) %d", out)
-    code, out = run("lua5.4 examples/boot_linux.lua --mem lots vmlinux")
-    assert.equal(2, code, out)
-    assert.matches("boot_linux: --mem: a size like 256M expected", out, 1, true)
-    code, out = run("lua5.4 examples/boot_linux.lua --mem 3 vmlinux")
-    assert.equal(2, code, out)
-    assert.matches("boot_linux: --mem: 16M or more, a multiple of 2M expected", out, 1, true)
-    code, out = run("lua5.4 examples/boot_linux.lua --bogus vmlinux")
-    assert.equal(2, code, out)
-    assert.matches("boot_linux: unknown option --bogus (try: lua5.4 examples/boot_linux.lua --help)", out, 1, true)
-    code, out = run("lua5.4 examples/trace_io.lua --bogus")
-    assert.equal(2, code, out)
-    assert.matches("trace_io: unknown option --bogus", out, 1, true)
-    code, out = run("lua5.4 examples/memory_layout.lua --timeout")
-    assert.equal(2, code, out)
-    assert.matches("memory_layout: --timeout needs a value\nusage: lua5.4 examples/memory_layout.lua", out, 1, true)
+    -- bad usage: exit 2 and a message naming the problem
+    for _, case in ipairs{
+      { "examples/boot_linux.lua --mem lots vmlinux", "boot_linux: --mem: a size like 256M expected" },
+      { "examples/boot_linux.lua --mem 3 vmlinux", "boot_linux: --mem: 16M or more, a multiple of 2M expected" },
+      { "examples/boot_linux.lua --bogus vmlinux",
+        "boot_linux: unknown option --bogus (try: lua5.4 examples/boot_linux.lua --help)" },
+      { "examples/trace_io.lua --bogus", "trace_io: unknown option --bogus" },
+      { "examples/memory_layout.lua --timeout",
+        "memory_layout: --timeout needs a value\nusage: lua5.4 examples/memory_layout.lua" },
+    } do
+      code, out = run("lua5.4 " .. case[1])
+      assert.equal(2, code, out)
+      assert.matches(case[2], out, 1, true)
+    end
   end)
 end)
 
