@@ -44,10 +44,15 @@ if [ "$(cat /run/interactive)" = 1 ]; then
 else
 	stty -F /dev/ttyS1 raw -echo
 fi
+# a heartbeat on the console (nested.sh's log), by which the host tells a guest
+# that froze from a command that is quiet
+(while sleep 20; do echo "nested-init: up $(cut -d' ' -f1 /proc/uptime) s"; done) &
+beat=$!
 # a session of its own with ttyS1 as its controlling terminal (^C reaches it);
 # the host's setsid, which can wait
 chroot /host /usr/bin/setsid -w -c /bin/sh /run/luakvm/cmd <>/dev/ttyS1 >&0 2>&1
 echo $? >/run/rc
+kill "$beat"
 sync
 umount /host/run/luakvm /host"$checkout" /run 2>/dev/null
 poweroff -f

@@ -8,6 +8,9 @@
 #   sh tools/nested.sh run [options] [--] CMD [ARG...]
 #        -i, --interactive   connect this terminal to CMD (else stdin is not read)
 #        -t, --timeout SECS  kill the guest after SECS (default 3600); exit status 124
+#        (not interactive: a first-level guest whose console hears nothing, not even
+#        its /init's heartbeat, for LUAKVM_NESTED_STALL s (300) froze: killed, with
+#        QEMU's register dump, exit status 123)
 #        -m, --mem SIZE      the first-level guest's memory (default 4G)
 #   sh tools/nested.sh detect              print which KVM a run would use and why
 #   sh tools/nested.sh auto [--userspace] [run options] [--] CMD [ARG...]
@@ -49,6 +52,10 @@ QEMU=${QEMU:-qemu-system-x86_64}
 # without AVX and with npt=0, clean under ASan and on the host's KVM, which is
 # why tools/test.sh runs each spec file in its own process here.
 CPU=${LUAKVM_NESTED_CPU:-max,-avx,-avx2,-fma,-f16c,-vaes}
+# a non-interactive run whose first-level console stays silent this long (its
+# /init writes a heartbeat every 20 s) is a frozen guest: killed, exit status FROZE
+STALL=${LUAKVM_NESTED_STALL:-300}
+FROZE=123
 
 TMP=
 cleanup() { if [ -n "$TMP" ]; then rm -rf "$TMP"; fi; }
@@ -90,7 +97,7 @@ prepare() {
 	R=$TMP/initramfs
 	mkdir -p "$R/bin" "$R/dev" "$R/proc" "$R/sys" "$R/host" "$R/run" "$R/lib/modules"
 	cp "$busybox" "$R/bin/busybox"
-	for a in sh mount umount insmod mkdir cat echo poweroff chroot sleep stty setsid sync tail; do
+	for a in sh mount umount insmod mkdir cat cut echo poweroff chroot sleep stty setsid sync tail; do
 		ln -s busybox "$R/bin/$a"
 	done
 	for m in $MODULES; do
@@ -190,24 +197,63 @@ run() {
 	if [ "$interactive" = 1 ]; then
 		timeout -k 10 "$timeout" "$@" || st=$?
 	else
-		timeout -k 10 "$timeout" "$@" </dev/null || st=$?
+		# QEMU's monitor on two fifos, read only when the guest froze
+		mkfifo "$TMP/mon.in" "$TMP/mon.out"
+		set -- "$@" -chardev "pipe,id=mon,path=$TMP/mon" -mon chardev=mon,mode=readline
+		timeout -k 10 "$timeout" "$@" </dev/null &
+		qemu=$!
+		watch "$qemu" || st=$?
+		if [ "$st" = 0 ]; then wait "$qemu" || st=$?; fi
+	fi
+	if [ "$st" = "$FROZE" ]; then
+		say "the first-level guest froze: its console heard nothing (not even /init's heartbeat) for $STALL s;" \
+			"QEMU was killed. Its console's last lines:"
+		console_tail
+		say "the first-level CPU when it froze (QEMU's info registers):"
+		grep -E '^(RAX|RSI|R8 |R12|RIP|ES |CS |SS |CR0|EFER)' "$TMP/registers" >&2 || true
+		return "$FROZE"
 	fi
 	if [ "$st" = 124 ] || [ "$st" = 137 ]; then
 		say "the nested guest did not finish within $timeout s and was killed; its console's last lines:"
-		tail -n 30 "$TMP/console.log" >&2
+		console_tail
 		return 124
 	fi
 	if [ "$st" != 0 ]; then
 		say "$QEMU exited with status $st; the nested guest's console's last lines:"
-		tail -n 30 "$TMP/console.log" >&2
+		console_tail
 		return "$st"
 	fi
 	if ! [ -s "$TMP/rc" ]; then
 		say "the nested guest stopped without the command's exit status; its console's last lines:"
-		tail -n 30 "$TMP/console.log" >&2
+		console_tail
 		return 125
 	fi
 	return "$(cat "$TMP/rc")"
+}
+
+# the first-level console's last 30 lines but the heartbeat
+console_tail() { grep -v '^nested-init: up ' "$TMP/console.log" | tail -n 30 >&2; }
+
+# watch PID: wait while QEMU (PID) runs; the first-level guest's /init writes a
+# heartbeat to the console every 20 s, so a console that stays the same size for
+# STALL s means the guest froze (under TCG it has happened with a spec's nested
+# guest running, once, printing nothing): ask QEMU's monitor for the registers,
+# kill QEMU and return FROZE. Returns 0 when QEMU ended by itself.
+watch() {
+	size=-1 still=0
+	while kill -0 "$1" 2>/dev/null; do
+		sleep 5
+		now=$(wc -c <"$TMP/console.log" 2>/dev/null || echo 0)
+		if [ "$now" != "$size" ]; then size=$now still=0; continue; fi
+		still=$((still + 5))
+		[ "$still" -ge "$STALL" ] || continue
+		{ echo "info registers"; sleep 2; } >"$TMP/mon.in" &
+		timeout 5 cat "$TMP/mon.out" >"$TMP/registers" 2>/dev/null || true
+		kill "$1" 2>/dev/null || true
+		wait "$1" 2>/dev/null || true
+		return "$FROZE"
+	done
+	return 0
 }
 
 # auto [--userspace] [run options] CMD...: on the host's KVM or nested

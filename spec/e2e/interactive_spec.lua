@@ -27,7 +27,8 @@ describe("#e2e #userspace make run", function()
       os.remove(dir)
       assert(os.execute("mkdir " .. dir))
       local sock = dir .. "/tmux"
-      local tmux = ("tmux -S %s "):format(sock)
+      -- every tmux call bounded: a stuck tmux fails the spec instead of hanging it
+      local tmux = ("timeout -k 5 30 tmux -S %s "):format(sock)
       -- what the pane runs: the terminal's settings before and after, make's status
       local script = dir .. "/pane.sh"
       local f = assert(io.open(script, "w"))
