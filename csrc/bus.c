@@ -66,9 +66,41 @@ void bus_release(Bus *b, Device *d) {
 
 /* ---- dispatch ---- */
 
+int bus_lua(BusCall *bc, BusWork fn, void *arg) {
+  if (bc->L) return fn(bc, arg);
+  return bc->port->call(bc->port, bc, fn, arg);
+}
+
+/* a Lua device's access, handed to the Lua thread */
+typedef struct LuaAccess {
+  Device *d;
+  uint64_t addr;
+  int is_write;
+  unsigned size;
+  uint8_t *data;
+  int ran;
+} LuaAccess;
+
+static int lua_access(BusCall *bc, void *arg) {
+  LuaAccess *a = arg;
+  a->ran = 1;
+  return a->d->ops->access(a->d, bc, a->addr, a->is_write, a->size, a->data);
+}
+
+static __attribute__((noinline)) int access_lua(Device *d, BusCall *bc, uint64_t addr,
+                                                int is_write, unsigned size, uint8_t *data) {
+  LuaAccess a = {d, addr, is_write, size, data, 0};
+  int st = bc->port->call(bc->port, bc, lua_access, &a);
+  if (!a.ran && !is_write) memset(data, 0xff, size);   /* the run was ending: not served */
+  return st;
+}
+
 static int access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
                   uint8_t *data) {
-  if (d->ops->lua) return d->ops->access(d, bc, addr, is_write, size, data);
+  if (d->ops->lua) {
+    if (bc->L) return d->ops->access(d, bc, addr, is_write, size, data);
+    return access_lua(d, bc, addr, is_write, size, data);
+  }
   pthread_mutex_lock(&d->lock);
   int st = d->ops->access(d, bc, addr, is_write, size, data);
   pthread_mutex_unlock(&d->lock);
@@ -152,6 +184,8 @@ void kvm_vm_unref(lua_State *L, int vm_idx, int ref) {
 /* ---- the VM's devices ---- */
 
 void kvm_device_room(lua_State *L, Vm *vm) {
+  if (vm->threads)
+    luaL_error(L, "cannot add a device while vm:run() runs the vCPUs on threads (they read the bus)");
   if (vm->ndevs >= KVM_MAX_DEVICES) luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
 }
 
@@ -178,6 +212,8 @@ static void close_device(Device *d) {
 
 void kvm_device_remove(lua_State *L, int vm_idx, Device *d) {
   Vm *vm = d->vm;
+  if (vm->threads)
+    luaL_error(L, "cannot remove a device while vm:run() runs the vCPUs on threads (they read the bus)");
   bus_release(&vm->pio, d);
   bus_release(&vm->mmio, d);
   close_device(d);
@@ -206,7 +242,8 @@ uint64_t kvm_devices_tick_ns(Vm *vm) {
 /* run op over every device that has it, stopping at the first that does not
    return BUS_OK; the lock is taken for devices that are not Lua's. Over a
    copy of the list: an output function may add or remove devices. */
-static int each(Vm *vm, BusCall *bc, int (*pick(const DeviceOps *))(Device *, BusCall *)) {
+static int each(Vm *vm, BusCall *bc, int (*pick(const DeviceOps *))(Device *, BusCall *),
+                int try) {
   Device *devs[KVM_MAX_DEVICES];
   int n = vm->ndevs;
   memcpy(devs, vm->devs, (size_t)n * sizeof(Device *));
@@ -215,7 +252,10 @@ static int each(Vm *vm, BusCall *bc, int (*pick(const DeviceOps *))(Device *, Bu
     Device *d = devs[i];
     int (*op)(Device *, BusCall *) = pick(d->ops);
     if (op == NULL || d->closed) continue;
-    if (!d->ops->lua) pthread_mutex_lock(&d->lock);
+    if (!d->ops->lua) {
+      if (!try) pthread_mutex_lock(&d->lock);
+      else if (pthread_mutex_trylock(&d->lock) != 0) continue;
+    }
     outcome = op(d, bc);
     if (!d->ops->lua) pthread_mutex_unlock(&d->lock);
   }
@@ -225,8 +265,9 @@ static int each(Vm *vm, BusCall *bc, int (*pick(const DeviceOps *))(Device *, Bu
 static int (*pick_tick(const DeviceOps *o))(Device *, BusCall *) { return o->tick; }
 static int (*pick_flush(const DeviceOps *o))(Device *, BusCall *) { return o->flush; }
 
-int kvm_devices_tick(Vm *vm, BusCall *bc) { return each(vm, bc, pick_tick); }
-int kvm_devices_flush(Vm *vm, BusCall *bc) { return each(vm, bc, pick_flush); }
+int kvm_devices_tick(Vm *vm, BusCall *bc) { return each(vm, bc, pick_tick, 0); }
+int kvm_devices_try_tick(Vm *vm, BusCall *bc) { return each(vm, bc, pick_tick, 1); }
+int kvm_devices_flush(Vm *vm, BusCall *bc) { return each(vm, bc, pick_flush, 0); }
 
 void kvm_devices_begin_run(Vm *vm) {
   for (int i = 0; i < vm->ndevs; i++)

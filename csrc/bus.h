@@ -26,18 +26,32 @@ typedef struct Device Device;
 typedef struct Vm Vm;
 typedef struct Vcpu Vcpu;
 
+typedef struct BusCall BusCall;
+typedef struct LuaPort LuaPort;
+
+/* Work for the thread that owns the Lua state: a Lua device's access, a
+   sink's output to a Lua function. On a vCPU thread of vm:run (bc->L is
+   NULL) bus_lua hands it to the Lua thread through bc->port and waits; the
+   Lua thread runs it with a BusCall of its own whose c is the caller's vCPU. */
+typedef int (*BusWork)(BusCall *bc, void *arg);
+struct LuaPort {
+  int (*call)(LuaPort *p, BusCall *bc, BusWork fn, void *arg);
+};
+int bus_lua(BusCall *bc, BusWork fn, void *arg);
+
 /* What a device sees of the run() it is called from: the Lua state and the
    stack slots of the run (Lua devices call functions kept in the VM's
    table), and where it asks run() to return. */
-typedef struct BusCall {
-  lua_State *L;
+struct BusCall {
+  lua_State *L;                  /* NULL on a vCPU thread of vm:run: see bus_lua */
+  LuaPort *port;                 /* ... the way to the Lua thread there */
   int tab;                       /* stack index: the VM's uservalue table */
   int msgh;                      /* stack index: message handler, or 0 */
   int strs;                      /* stack index: "in", then "out" */
   Vcpu *c;                       /* the vCPU that exited (NULL: tick, flush) */
   const char *why;               /* set with BUS_STOP: run()'s reason */
   int code;                      /* a detail of it (debug_exit's byte) */
-} BusCall;
+};
 
 /* results of an access, a tick or a flush */
 enum { BUS_OK = 0, BUS_STOP, BUS_ERROR };   /* BUS_ERROR: message on the stack top */
@@ -53,7 +67,7 @@ typedef struct DeviceOps {
   void (*end_run)(Device *d);             /* run() ends, idempotent (restore it) */
   void (*close)(Device *d);               /* the VM closes or the device is removed */
   void (*stats)(Device *d, lua_State *L); /* add its counters to the table on top */
-  int lua;                       /* calls Lua: not locked (the Lua state is one thread's) */
+  int lua;                       /* calls Lua: run on the Lua thread (bus_lua), not locked */
 } DeviceOps;
 
 struct Device {
@@ -107,6 +121,9 @@ Device *kvm_device_find(Vm *vm, const DeviceOps *ops);
 /* over every device of the VM: the smallest tick period wanted (0 none) */
 uint64_t kvm_devices_tick_ns(Vm *vm);
 int  kvm_devices_tick(Vm *vm, BusCall *bc);
+/* the same from vm:run's Lua thread: a device whose lock a vCPU thread
+   holds (it may be waiting for this thread) is skipped until the next tick */
+int  kvm_devices_try_tick(Vm *vm, BusCall *bc);
 int  kvm_devices_flush(Vm *vm, BusCall *bc);
 void kvm_devices_begin_run(Vm *vm);
 void kvm_devices_end_run(Vm *vm);

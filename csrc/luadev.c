@@ -120,8 +120,9 @@ static int set_handler(lua_State *L, int is_mmio, uint64_t first, uint64_t last,
       return luaL_error(L, "%s range %s-%s belongs to the %s device, not a Lua handler",
                         space_name(is_mmio), kvm_pushhex(L, first), kvm_pushhex(L, last),
                         r->dev->ops->kind);
-    kvm_vm_unref(L, 1, ((LuaDev *)r->dev)->fn);
-    kvm_device_remove(L, 1, r->dev);
+    int fn = ((LuaDev *)r->dev)->fn;
+    kvm_device_remove(L, 1, r->dev);   /* raises before it changes anything */
+    kvm_vm_unref(L, 1, fn);
     return 0;
   }
   luaL_checktype(L, fnarg, LUA_TFUNCTION);

@@ -55,6 +55,7 @@ struct Vm {
   uint32_t *retired_ports;       /* and their port counters (65536), or NULL */
   int in_handler;                /* a Lua handler is running */
   int running;                   /* vcpus inside run() */
+  int threads;                   /* vm:run's vCPU threads are running */
   int has_irqchip;
   uint64_t created_ns;
 };
@@ -76,6 +77,9 @@ struct Vcpu {
   int (*enter)(Vcpu *c);         /* KVM_RUN (a bench harness fakes it) */
   int running;
   volatile int stop;             /* 0, or 1 + the index of kvm_stop_reasons */
+  volatile int on_thread;        /* vm:run runs it on a thread of its own */
+  int serving;                   /* ... whose request the Lua thread serves now */
+  volatile int halted;           /* ... whose last tick found it halted for good */
   uint64_t seq;                  /* bumped on every KVM_RUN; exits remember it */
   VcpuStats stats;
   uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */

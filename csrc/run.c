@@ -26,9 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "luakvm.h"
+#include "run.h"
 
-#define SIG_TICK (SIGRTMIN + 2)
 #define IDLE_TICK_NS 50000000u   /* with the in-kernel irqchip: halted for good? */
 #define HALTED_NS 1000000000u    /* halted with IF clear this long at one RIP */
 
@@ -52,29 +51,10 @@ int kvm_enter(Vcpu *c) {
   return ioctl(c->fd, KVM_RUN, 0);
 }
 
-typedef struct RunState {
-  Vcpu *c;
-  Vm *vm;
-  BusCall bc;
-  int unclaimed_ignore;
-  uint64_t max_exits;
-  uint64_t deadline;        /* ns, 0 = none */
-  timer_t timer;
-  int has_timer;
-  struct sigaction old_int;
-  int int_installed;
-  const char *why;          /* synthetic reason when returning */
-  uint64_t halted_since;    /* ns: first tick that saw the vCPU halted for good */
-  uint64_t halted_rip;
-  /* tl_tick and tl_int, their addresses taken once: in a shared library each
-     access to a thread-local variable is a call (__tls_get_addr) */
-  volatile sig_atomic_t *tick, *intr;
-} RunState;
-
 /* stack slots during run() */
 enum { S_VCPU = 1, S_OPTS, S_VM, S_TAB, S_MSGH, S_IN, S_OUT };
 
-static int traceback(lua_State *L) {
+int kvm_traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
@@ -88,18 +68,42 @@ static int traceback(lua_State *L) {
 
 /* ---- set-up and clean-up ---- */
 
-static int install_signals(lua_State *L, RunState *rs) {
+int kvm_run_signals(lua_State *L, RunState *rs, int intr) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sigemptyset(&sa.sa_mask);
   if (!tick_installed) {
     sa.sa_handler = on_tick;
-    if (sigaction(SIG_TICK, &sa, NULL) < 0) return kvm_fail(L, "sigaction");
+    if (sigaction(KVM_SIG_TICK, &sa, NULL) < 0) return kvm_fail(L, "sigaction");
     tick_installed = 1;
   }
+  if (!intr) return 0;
   sa.sa_handler = on_int;
   if (sigaction(SIGINT, &sa, &rs->old_int) == 0) rs->int_installed = 1;
   return 0;
+}
+
+void kvm_run_signals_end(RunState *rs) {
+  if (rs->int_installed) { sigaction(SIGINT, &rs->old_int, NULL); rs->int_installed = 0; }
+}
+
+void kvm_run_enter_thread(RunState *rs) {
+  tl_run = rs->c->run;
+  tl_tick = 0;
+  tl_int = 0;
+  rs->tick = &tl_tick;
+  rs->intr = &tl_int;
+  if (rs->c->stop) rs->c->run->immediate_exit = 1;
+}
+
+volatile sig_atomic_t *kvm_run_intr_flag(void) {
+  tl_int = 0;
+  return &tl_int;
+}
+
+void kvm_run_leave_thread(RunState *rs) {
+  tl_run = NULL;
+  if (rs->c->run) rs->c->run->immediate_exit = 0;
 }
 
 /* a timer signal to this thread: first at the deadline or after a period,
@@ -111,7 +115,7 @@ static int start_timer(lua_State *L, RunState *rs) {
   struct sigevent sev;
   memset(&sev, 0, sizeof sev);
   sev.sigev_notify = SIGEV_THREAD_ID;
-  sev.sigev_signo = SIG_TICK;
+  sev.sigev_signo = KVM_SIG_TICK;
 #ifdef sigev_notify_thread_id
   sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
 #else
@@ -140,9 +144,8 @@ static int start_timer(lua_State *L, RunState *rs) {
    cannot close or run it meanwhile */
 static void run_cleanup(RunState *rs) {
   if (rs->has_timer) { timer_delete(rs->timer); rs->has_timer = 0; }
-  if (rs->int_installed) { sigaction(SIGINT, &rs->old_int, NULL); rs->int_installed = 0; }
-  tl_run = NULL;
-  if (rs->c->run) rs->c->run->immediate_exit = 0;
+  kvm_run_signals_end(rs);
+  kvm_run_leave_thread(rs);
   kvm_devices_end_run(rs->vm);
 }
 
@@ -181,9 +184,6 @@ static int halted_for_good(RunState *rs) {
   return now - rs->halted_since >= HALTED_NS;
 }
 
-/* result of an exit or a tick */
-enum { D_CONTINUE, D_RETURN, D_ERROR };
-
 static int from_bus(RunState *rs, int st) {
   if (st == BUS_OK) return D_CONTINUE;
   if (st == BUS_ERROR) return D_ERROR;
@@ -194,6 +194,10 @@ static int from_bus(RunState *rs, int st) {
 static int run_tick(RunState *rs) {
   *rs->tick = 0;
   rs->c->run->immediate_exit = 0;
+  if (rs->threaded) {          /* the Lua thread does the rest, and ends the run when all halted */
+    rs->c->halted = rs->vm->has_irqchip && halted_for_good(rs);
+    return D_CONTINUE;
+  }
   if (rs->deadline && kvm_now_ns() >= rs->deadline) {
     rs->why = "timeout";
     return D_RETURN;
@@ -248,18 +252,17 @@ static int dispatch_mmio(RunState *rs) {
   return from_bus(rs, st);
 }
 
-/* KVM_RUN until something ends the run; D_RETURN or D_ERROR, and
-   *kvm_errno when KVM_RUN itself failed */
-static int run_loop(RunState *rs, int *kvm_errno) {
+int kvm_run_loop(RunState *rs, int *kvm_errno) {
   Vcpu *c = rs->c;
   uint64_t n = 0;
   volatile sig_atomic_t *tick = rs->tick, *intr = rs->intr;
   for (;;) {
     int rc = c->enter(c);
+    int en = rc < 0 ? errno : 0;
     c->seq++;
     int d;
     if (rc < 0) {
-      if (errno != EINTR && errno != EAGAIN) { *kvm_errno = errno; return D_RETURN; }
+      if (en != EINTR && en != EAGAIN) { *kvm_errno = en; return D_RETURN; }
       c->run->immediate_exit = 0;
       d = D_CONTINUE;
     } else {
@@ -274,34 +277,38 @@ static int run_loop(RunState *rs, int *kvm_errno) {
     if (d != D_CONTINUE) return d;
     if (c->stop) { rs->why = kvm_stop_reasons[c->stop]; return D_RETURN; }
     if (*intr) { rs->why = "intr"; return D_RETURN; }
-    if (rs->max_exits && n >= rs->max_exits) { rs->why = "max_exits"; return D_RETURN; }
-    if (*tick) {
-      if ((d = run_tick(rs)) != D_CONTINUE) return d;
-    } else if (rc < 0) {
-      rs->why = "intr";          /* another signal */
+    if (rs->max_exits && rc >= 0 &&
+        (rs->exits ? __atomic_add_fetch(rs->exits, 1, __ATOMIC_RELAXED) : n) >= rs->max_exits) {
+      rs->why = "max_exits";
       return D_RETURN;
     }
+    if (*tick) {
+      if ((d = run_tick(rs)) != D_CONTINUE) return d;
+    } else if (en == EINTR && !rs->threaded) {
+      rs->why = "intr";          /* another signal (a vCPU thread has them blocked) */
+      return D_RETURN;
+    }                            /* EAGAIN: a vCPU waiting for INIT/SIPI woke up */
   }
 }
 
 /* ---- vcpu:run ---- */
 
-static void parse_opts(lua_State *L, RunState *rs) {
-  if (lua_isnoneornil(L, 2)) return;
-  luaL_checktype(L, 2, LUA_TTABLE);
-  if (lua_getfield(L, 2, "unclaimed") != LUA_TNIL) {
+void kvm_run_opts(lua_State *L, int idx, RunState *rs) {
+  if (lua_isnoneornil(L, idx)) return;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  if (lua_getfield(L, idx, "unclaimed") != LUA_TNIL) {
     const char *u = lua_tostring(L, -1);
     if (u && strcmp(u, "ignore") == 0) rs->unclaimed_ignore = 1;
     else if (!u || strcmp(u, "return") != 0)
       luaL_error(L, "bad option 'unclaimed' to 'run' (\"return\" or \"ignore\" expected)");
   }
-  if (lua_getfield(L, 2, "max_exits") != LUA_TNIL) {
+  if (lua_getfield(L, idx, "max_exits") != LUA_TNIL) {
     int ok;
     lua_Integer n = lua_tointegerx(L, -1, &ok);
     if (!ok || n <= 0) luaL_error(L, "bad option 'max_exits' to 'run' (positive integer expected)");
     rs->max_exits = (uint64_t)n;
   }
-  if (lua_getfield(L, 2, "timeout") != LUA_TNIL) {
+  if (lua_getfield(L, idx, "timeout") != LUA_TNIL) {
     int ok;
     lua_Number t = lua_tonumberx(L, -1, &ok);
     if (!ok || !(t > 0) || t > 1e9)
@@ -316,7 +323,7 @@ static void push_slots(lua_State *L, RunState *rs) {
   lua_settop(L, 2);
   lua_getiuservalue(L, S_VCPU, 1);     /* S_VM */
   lua_getiuservalue(L, S_VM, 1);       /* S_TAB */
-  lua_pushcfunction(L, traceback);     /* S_MSGH */
+  lua_pushcfunction(L, kvm_traceback);     /* S_MSGH */
   lua_pushliteral(L, "in");            /* S_IN */
   lua_pushliteral(L, "out");           /* S_OUT */
   luaL_checkstack(L, 16, "run loop");
@@ -376,24 +383,19 @@ int l_vcpu_run(lua_State *L) {
   memset(&rs, 0, sizeof rs);
   rs.c = c;
   rs.vm = vm;
-  parse_opts(L, &rs);
+  kvm_run_opts(L, 2, &rs);
   push_slots(L, &rs);
 
   c->running = 1;
   vm->running++;
-  int r = install_signals(L, &rs);
+  int r = kvm_run_signals(L, &rs, 1);
   if (!r) r = start_timer(L, &rs);
   if (r) { run_cleanup(&rs); run_done(&rs); return r; }
   kvm_devices_begin_run(vm);
-  tl_run = c->run;
-  tl_tick = 0;
-  tl_int = 0;
-  rs.tick = &tl_tick;
-  rs.intr = &tl_int;
-  if (c->stop) c->run->immediate_exit = 1;
+  kvm_run_enter_thread(&rs);
   uint64_t t0 = kvm_now_ns();
   int kvm_errno = 0;
-  int outcome = run_loop(&rs, &kvm_errno);
+  int outcome = kvm_run_loop(&rs, &kvm_errno);
   c->stats.ns_in_run += kvm_now_ns() - t0;
   run_cleanup(&rs);      /* restore everything before anything can raise */
   c->stop = 0;

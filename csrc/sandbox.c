@@ -24,6 +24,7 @@
 */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -213,8 +214,8 @@ static const char *const base_allow[] = {
   "gettid", "getpid", "tgkill",
   /* Lua's allocator (glibc malloc) and guest memory */
   "mmap", "munmap", "mremap", "brk", "madvise", "mprotect",
-  /* threads, scheduling, leaving */
-  "futex", "sched_yield", "exit", "exit_group",
+  /* threads (vm:run: clone is allowed for threads only, below), scheduling, leaving */
+  "futex", "sched_yield", "exit", "exit_group", "set_robust_list", "rseq", "sched_getaffinity",
   /* a later kvm.sandbox{} adds a filter, which can only narrow this one */
   "seccomp",
   NULL
@@ -293,7 +294,7 @@ int l_sandbox(lua_State *L) {
 
   /* the program: the architecture, x32, then one test per allowed number.
      Every jump is short (BPF jump offsets are 8 bits). */
-  size_t len = 6 + 2 * (size_t)a->n + 1;
+  size_t len = 6 + 7 + 2 * (size_t)a->n + 1;
   struct sock_filter *f = lua_newuserdatauv(L, len * sizeof *f, 0);
   size_t k = 0;
   f[k++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
@@ -302,6 +303,20 @@ int l_sandbox(lua_State *L) {
   f[k++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
   f[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1);
   f[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, deny);
+  /* vm:run's threads: clone3 says ENOSYS (its flags are in memory, where a
+     filter cannot look), so glibc falls back to clone, allowed with
+     CLONE_THREAD (a thread), refused without (a new process) */
+  f[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone3, 0, 1);
+  f[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSYS & SECCOMP_RET_DATA));
+  int clone_named = 0;            /* allow = {"clone"}: every clone, as asked */
+  for (int i = 0; i < a->n; i++) clone_named |= a->nr[i] == __NR_clone;
+  if (!clone_named) {
+    f[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_clone, 0, 4);
+    f[k++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]));
+    f[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_THREAD, 0, 1);
+    f[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, deny);
+  }
   for (int i = 0; i < a->n; i++) {
     f[k++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)a->nr[i], 0, 1);
     f[k++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);

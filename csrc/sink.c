@@ -47,8 +47,14 @@ void sink_open(lua_State *L, Sink *k, int opts, const char *field, const char *w
   k->want = 0;
 }
 
+static int flush_work(BusCall *bc, void *k) { return sink_flush(k, bc); }
+
 int sink_flush(Sink *k, BusCall *bc) {
   lua_State *L = bc->L;
+  if (L == NULL) {             /* a vCPU thread of vm:run: the Lua thread writes it */
+    if (k->len == 0 || k->kind == SINK_NONE) { k->len = 0; k->want = 0; return BUS_OK; }
+    return bus_lua(bc, flush_work, k);
+  }
   size_t n = k->len;
   k->want = 0;
   k->len = 0;

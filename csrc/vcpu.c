@@ -22,6 +22,17 @@ static Vcpu *tovcpu(lua_State *L, int arg) {
   return (Vcpu *)luaL_checkudata(L, arg, VCPU_MT);
 }
 
+/* an open vCPU whose state may be read or changed now: not one that vm:run
+   holds in KVM_RUN on another thread (the ioctl would wait for it, forever
+   if it is halted) */
+static Vcpu *still(lua_State *L, int arg) {
+  Vcpu *c = kvm_checkvcpu(L, arg);
+  if (c->on_thread && !c->serving)
+    luaL_error(L, "vCPU %d is running on its thread (vm:run): its state can be read or changed "
+               "from a handler serving it, or after vm:run returns", c->id);
+  return c;
+}
+
 
 /* a free slot in vm->vcpus, or raise */
 static int free_slot(lua_State *L, const Vm *vm) {
@@ -55,11 +66,24 @@ static void attach(Vcpu *c, Vm *vm, int slot, int id, int fd, struct kvm_run *ru
   vm->vcpus[slot] = c;
 }
 
+/* the VM's list of its open vCPUs (vm:run's default; the VM keeps them
+   alive, as its memories): the one on the top */
+static void remember(lua_State *L, int vm_idx, int slot) {
+  lua_getiuservalue(L, vm_idx, 1);
+  if (lua_getfield(L, -1, "vcpus") == LUA_TTABLE) {
+    lua_pushvalue(L, -3);
+    lua_rawseti(L, -2, slot + 1);
+  }
+  lua_pop(L, 2);
+}
+
 Vcpu *kvm_vcpu_push(lua_State *L, int vm_idx, int id, int fd, struct kvm_run *run,
                     size_t run_size) {
   Vm *vm = kvm_checkvm(L, vm_idx);
+  vm_idx = lua_absindex(L, vm_idx);
   int slot = free_slot(L, vm);
   Vcpu *c = new_vcpu(L, vm_idx);
+  remember(L, vm_idx, slot);
   attach(c, vm, slot, id, fd, run, run_size);
   return c;
 }
@@ -77,6 +101,7 @@ int l_vm_vcpu(lua_State *L) {
   luaL_argcheck(L, id <= 4095, 2, "id too large");
   int slot = free_slot(L, vm);
   Vcpu *c = new_vcpu(L, 1);      /* before the fd: raising (no memory) leaks nothing */
+  remember(L, 1, slot);
   int fd = ioctl(vm->fd, KVM_CREATE_VCPU, (unsigned long)id);
   if (fd < 0) return kvm_fail(L, "KVM_CREATE_VCPU");
   void *run = mmap(NULL, (size_t)vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -132,6 +157,17 @@ static int l_vcpu_close(lua_State *L) {
   Vcpu *c = tovcpu(L, 1);
   if (c->fd < 0) return 0;
   if (c->running) return luaL_error(L, "cannot close a kvm.vcpu while it runs");
+  Vm *vm = c->vm;
+  for (int i = 0; i < KVM_MAX_VCPUS; i++)       /* the VM lets it go */
+    if (vm->vcpus[i] == c) {
+      lua_getiuservalue(L, 1, 1);
+      lua_getiuservalue(L, -1, 1);
+      if (lua_getfield(L, -1, "vcpus") == LUA_TTABLE) {
+        lua_pushnil(L);
+        lua_rawseti(L, -2, i + 1);
+      }
+      lua_pop(L, 3);
+    }
   munmap(c->run, c->run_size);
   c->run = NULL;
   close(c->fd);
@@ -230,7 +266,7 @@ static const Field regs_fields[] = {
 @function vcpu:regs
 */
 static int l_vcpu_regs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   struct kvm_regs r;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0) return kvm_fail(L, "KVM_GET_REGS");
   lua_createtable(L, 0, 18);
@@ -242,7 +278,7 @@ static int l_vcpu_regs(lua_State *L) {
 @function vcpu:set_regs
 */
 static int l_vcpu_set_regs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_regs r;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0) return kvm_fail(L, "KVM_GET_REGS");
@@ -284,7 +320,7 @@ cr0, cr2, cr3, cr4, cr8, efer, apic_base (KVM_GET_SREGS).
 @function vcpu:sregs
 */
 static int l_vcpu_sregs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   struct kvm_sregs s;
   if (ioctl(c->fd, KVM_GET_SREGS, &s) < 0) return kvm_fail(L, "KVM_GET_SREGS");
   lua_createtable(L, 0, 17);
@@ -317,7 +353,7 @@ static int set_sreg(lua_State *L, const char *k, void *ud) {
 }
 
 static int l_vcpu_set_sregs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_sregs s;
   if (ioctl(c->fd, KVM_GET_SREGS, &s) < 0) return kvm_fail(L, "KVM_GET_SREGS");
@@ -332,7 +368,7 @@ form supported_cpuid() returns.
 @function vcpu:set_cpuid
 */
 static int l_vcpu_set_cpuid(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = luaL_len(L, 2);
   luaL_argcheck(L, n >= 0 && n <= 1024, 2, "too many entries (at most 1024)");
@@ -369,7 +405,7 @@ static int l_vcpu_set_cpuid(lua_State *L) {
 @return[2] fail, message, errno (an MSR KVM does not know)
 */
 static int l_vcpu_msrs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = luaL_len(L, 2);
   luaL_argcheck(L, n >= 0 && n <= 256, 2, "at most 256 MSRs");
@@ -407,7 +443,7 @@ static int l_vcpu_msrs(lua_State *L) {
 @function vcpu:set_msrs
 */
 static int l_vcpu_set_msrs(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   int n = 0;
   lua_pushnil(L);
@@ -478,7 +514,7 @@ pending, masked}, sipi_vector} (KVM_GET_VCPU_EVENTS).
 @function vcpu:events
 */
 static int l_vcpu_events(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_GET_VCPU_EVENTS");
   lua_createtable(L, 0, 4);
@@ -531,7 +567,7 @@ static int set_event(lua_State *L, const char *k, void *ud) {
 }
 
 static int l_vcpu_set_events(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_GET_VCPU_EVENTS");
@@ -553,7 +589,7 @@ fpr = {8 strings of 16 bytes}, xmm = {16 strings of 16 bytes}} (KVM_GET_FPU).
 @function vcpu:fpu
 */
 static int l_vcpu_fpu(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   struct kvm_fpu f;
   if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
   lua_createtable(L, 0, 9);
@@ -600,7 +636,7 @@ static int set_fpu_key(lua_State *L, const char *k, void *ud) {
 @function vcpu:set_fpu
 */
 static int l_vcpu_set_fpu(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_fpu f;
   if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
@@ -615,7 +651,7 @@ static int l_vcpu_set_fpu(lua_State *L) {
 @function vcpu:translate
 */
 static int l_vcpu_translate(lua_State *L) {
-  Vcpu *c = kvm_checkvcpu(L, 1);
+  Vcpu *c = still(L, 1);
   struct kvm_translation t;
   memset(&t, 0, sizeof t);
   t.linear_address = (uint64_t)luaL_checkinteger(L, 2);

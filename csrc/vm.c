@@ -23,6 +23,7 @@ the port and MMIO claims the run loop dispatches.
 
 int l_vm_memory(lua_State *L);      /* mem.c */
 int l_vm_vcpu(lua_State *L);        /* vcpu.c */
+int l_vm_run(lua_State *L);         /* smp.c */
 int kvm_mem_access(lua_State *L, uint8_t *p, int width, int valarg);  /* mem.c */
 
 static Vm *tovm(lua_State *L, int arg) {
@@ -39,6 +40,8 @@ Vm *kvm_vm_push(lua_State *L) {
   lua_createtable(L, 4, 4);
   lua_newtable(L);
   lua_setfield(L, -2, "memories");
+  lua_newtable(L);                   /* [slot + 1] = its open vCPUs, for vm:run */
+  lua_setfield(L, -2, "vcpus");
   lua_setiuservalue(L, -2, 1);
   return vm;
 }
@@ -340,6 +343,7 @@ static const luaL_Reg vm_methods[] = {
   {"close", l_vm_close},
   {"memory", l_vm_memory},
   {"vcpu", l_vm_vcpu},
+  {"run", l_vm_run},
   {"read", l_vm_read},
   {"write", l_vm_write},
   {"u8", l_vm_u8}, {"u16", l_vm_u16}, {"u32", l_vm_u32}, {"u64", l_vm_u64},

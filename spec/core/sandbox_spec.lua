@@ -74,6 +74,46 @@ describe("kvm.sandbox #guest", function()
     assert.is_nil(io.open("/tmp/luakvm-sandbox-test"))
   end)
 
+  it("vm:run's vCPU threads work sandboxed; a new process still cannot be made", function()
+    support.need_kvm()
+    local code, out = child([[
+      local support = require "support"
+      local kvm = require "kvm"
+      local x86 = require "kvm.x86"
+      local cpuid = require "kvm.cpuid"
+      local vm = assert(kvm.vm())
+      local ram = vm:memory{ guest = 0, size = support.RAM }
+      assert(vm:irqchip())
+      local cpus = {}
+      for i = 0, 3 do
+        cpus[i + 1] = assert(vm:vcpu(i))
+        assert(cpus[i + 1]:set_cpuid(assert(cpuid.guest{ apic_id = i })))
+      end
+      x86.protected_mode(cpus[1], vm)
+      ram:write(0x1000, support.guest_bin("smp"))
+      ram:write(0x3004, string.pack("<I4I4", 3, 100))
+      cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+      local seen, hammered = {}, 0
+      vm:on_io(0x10, function(_, _, _, v) seen[#seen + 1] = v end)
+      vm:on_io(0x12, function() hammered = hammered + 1 end)
+      vm:on_io(0x11, function() return kvm.STOP end)
+      assert(kvm.sandbox())
+      for round = 1, 2 do
+        local e = assert(vm:run{ timeout = 20 })
+        table.sort(seen)
+        print("run", round, e.reason, table.concat(seen, ","), hammered)
+      end
+      print("execute", os.execute("true"))
+      print("popen", pcall(io.popen, "true"))
+      print("done")
+    ]])
+    assert.equal(0, code, out)
+    assert.matches("run\t1\tstopped\t0,1,2,3\t400\n", out, 1, true)
+    assert.matches("run\t2\thalted\t0,1,2,3\t400\n", out, 1, true)
+    assert.matches("execute\tnil\tOperation not permitted\t1\n", out, 1, true)
+    assert.matches("done\n", out, 1, true)
+  end)
+
   it("the run loop's timeout, the UART (output and input) and a handler error all work sandboxed", function()
     support.need_kvm()
     local input = os.tmpname()
