@@ -1,7 +1,7 @@
 #!/usr/bin/env lua5.4
 --- boot_linux.lua: boot a Linux kernel on the serial console.
 --
--- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256]
+-- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256] [--cpus N]
 --          [--cmdline "..."] [--append "..."] [--timeout SECONDS] [--status]
 --        lua5.4 examples/boot_linux.lua --help | --version
 -- (installed by the rock as `kvm-boot`; --help lists the options and their defaults)
@@ -38,8 +38,8 @@ local cli = require "kvm.cli"
 local prog = root and "lua5.4 examples/boot_linux.lua" or script:match("[^/]*$")
 local me = root and "boot_linux" or prog   -- the messages' prefix
 
-local OPTIONS = { initrd = "string", mem = "mib", cmdline = "string", append = "string",
-                  timeout = "number", status = "flag", version = "flag" }
+local OPTIONS = { initrd = "string", mem = "mib", cpus = "number", cmdline = "string",
+                  append = "string", timeout = "number", status = "flag", version = "flag" }
 
 local function help()
   local cmdline = ("  " .. linux.DEFAULT_CMDLINE):gsub("(" .. ("."):rep(60) .. "%S*) ", "%1\n  ")
@@ -53,6 +53,7 @@ options (default in brackets):
   --initrd FILE      the initramfs [none]
   --mem SIZE         guest RAM: a bare number is MiB, or with a suffix: 256M,
                      1G, 65536K; 16M or more, a multiple of 2M [MEM]
+  --cpus N           virtual CPUs, 1 to MAXCPUS, each a thread of this process [1]
   --cmdline "..."    replaces the default kernel command line [below]
   --append "..."     adds to the command line: the default one or --cmdline's
                      [nothing]
@@ -78,7 +79,7 @@ exit status:
   1    the set-up failed (kernel, initrd, memory, /dev/kvm)
   2    bad usage
 ]]):gsub("PROG", prog):gsub("MEM", (linux.DEFAULT_MEMORY >> 20) .. "M")
-   :gsub("CMDLINE", function() return cmdline end)))
+   :gsub("MAXCPUS", linux.MAX_CPUS):gsub("CMDLINE", function() return cmdline end)))
   os.exit(0)
 end
 
@@ -98,12 +99,16 @@ if not args[1] then usage("no kernel given") end
 if args.mem and (args.mem < 16 << 20 or args.mem % (2 << 20) ~= 0) then
   usage("--mem: 16M or more, a multiple of 2M expected")
 end
+if args.cpus and (math.type(args.cpus) ~= "integer" or args.cpus < 1 or args.cpus > linux.MAX_CPUS) then
+  usage(("--cpus: a whole number from 1 to %d expected"):format(linux.MAX_CPUS))
+end
 
 -- the console: straight to the terminal, remembering the last lines for
 -- --status and for the report of a fatal exit
 local start = os.time()
 local console = cli.console{ echo = io.stdout }
-local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cmdline = args.cmdline,
+local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cpus = args.cpus,
+               cmdline = args.cmdline,
                append = args.append, timeout = args.timeout, output = console.output,
                input = io.stdin }   -- keyboard input goes to the guest (a terminal or a pipe)
 
@@ -130,13 +135,15 @@ end
 
 -- a fatal exit: where the guest was, the bytes it stopped on, what it last said
 local function report_fatal()
-  local ok, r = pcall(ctx.cpu.regs, ctx.cpu)
+  local cpu = ctx.cpus[(e.cpu or 0) + 1] or ctx.cpu   -- the vCPU that stopped
+  local ok, r = pcall(cpu.regs, cpu)
   if ok and r then
     local code = "?"
-    local gpa = ctx.cpu:translate(r.rip)
+    local gpa = cpu:translate(r.rip)
     local okr, bytes = pcall(ctx.vm.read, ctx.vm, gpa or r.rip, 16)
     if gpa and okr then code = bytes:gsub(".", function(c) return string.format("%02x ", c:byte()) end) end
-    io.stderr:write(me, string.format(": RIP 0x%016x RSP 0x%016x RFLAGS 0x%x\n", r.rip, r.rsp, r.rflags))
+    io.stderr:write(me, string.format(": vCPU %d: RIP 0x%016x RSP 0x%016x RFLAGS 0x%x\n", e.cpu or 0,
+                                      r.rip, r.rsp, r.rflags))
     io.stderr:write(me, ": code at RIP: ", code, "\n")
   end
   io.stderr:write(me, ": the console's last lines:\n")

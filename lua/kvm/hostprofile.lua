@@ -56,11 +56,12 @@ end
 -- a real CPU would have executed (kvm.emulate: int3, fwait, ldmxcsr,
 -- stmxcsr). Returns true when the guest can resume.
 -- @param e the Exit
--- @param ctx {cpu = vcpu, vm = vm, log = function(msg)?}
+-- @param ctx {cpu = vcpu, cpus = {vcpu, ...}?, vm = vm, log = function(msg)?}
 function hostprofile.pvm_on_exit(e, ctx)
   if e.reason ~= "internal_error" or e.suberror ~= 1 or not e.insn then return false end
   ctx.emulate_state = ctx.emulate_state or {}
-  local ok, what = emulate.step(e, ctx.cpu, ctx.vm, ctx.emulate_state)
+  local cpu = ctx.cpus and e.cpu and ctx.cpus[e.cpu + 1] or ctx.cpu   -- the vCPU that exited
+  local ok, what = emulate.step(e, cpu, ctx.vm, ctx.emulate_state)
   if ctx.log then
     ctx.log(fmt("pvm: %s at 0x%x: %s", hostprofile.hex_bytes(e.insn:sub(1, 6)), e.rip or 0, what))
   end

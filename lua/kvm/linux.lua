@@ -39,6 +39,8 @@ linux.DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k 
   "pci=off nomodules 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 
 linux.DEFAULT_MEMORY = 128 * MiB
+--- The most vCPUs `cpus` may ask for (each is a host thread while the guest runs).
+linux.MAX_CPUS = 64
 
 --- Start of the 32-bit PCI/MMIO hole: RAM above this moves to 4 GiB.
 linux.HOLE_START = 3 * GiB
@@ -196,6 +198,10 @@ end
 local function check_opts(opts)
   if type(opts) ~= "table" then error("linux.plan: options table expected", 3) end
   if type(opts.kernel) ~= "string" then error("linux.plan: 'kernel' (a path) is required", 3) end
+  local cpus = opts.cpus
+  if cpus ~= nil and (math.type(cpus) ~= "integer" or cpus < 1 or cpus > linux.MAX_CPUS) then
+    error(fmt("linux.plan: 'cpus' must be an integer 1..%d", linux.MAX_CPUS), 3)
+  end
   local ram, memory = nil, opts.memory
   if opts.ram ~= nil then
     if type(opts.ram) ~= "table" or #opts.ram == 0 then
@@ -315,7 +321,7 @@ end
 -- kvm.acpi.build's).
 local function plan_acpi(p, opts)
   if opts.acpi == false then return false end
-  local aopts = { base = p.layout.acpi, cpus = 1, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
+  local aopts = { base = p.layout.acpi, cpus = p.cpus, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
   for k, v in pairs(type(opts.acpi) == "table" and opts.acpi or {}) do aopts[k] = v end
   local ok, built = pcall(acpi.build, aopts)
   if not ok then return nil, tostring(built) end
@@ -354,7 +360,8 @@ end
 -- The CPUID table (kvm.cpuid: hypervisor bit, the profile, the user's hook)
 -- and the long-mode set-up it decides (1 GiB pages when the guest has pdpe1gb).
 local function plan_cpu(p, opts)
-  local entries, err = cpuid.guest{ profile = p.profile, hook = opts.cpuid, entries = opts.cpuid_entries }
+  local entries, err = cpuid.guest{ profile = p.profile, hook = opts.cpuid, entries = opts.cpuid_entries,
+                                    cpus = p.cpus }
   if not entries then return nil, err end
   p.cpuid = entries
   local huge_1g = p.layout.huge_1g
@@ -397,7 +404,7 @@ function linux.plan(opts)
   local profile = opts.profile
   if profile == nil then profile = hostprofile.detect() or false end
   local p = { memory = memory, ram = ram, profile = profile, hugepages = opts.hugepages,
-              layout = linux.layout(memory, opts.layout) }
+              layout = linux.layout(memory, opts.layout), cpus = opts.cpus or 1 }
   local ok, err = plan_files(p, opts)
   if not ok then return nil, err end
   ok, err = plan_layout(p)
@@ -507,17 +514,27 @@ function linux.STEPS.devices(ctx, plan)
   end
 end
 
---- vCPU 0 (`ctx.cpu`).
-function linux.STEPS.vcpu(ctx)
-  local cpu, err = ctx.vm:vcpu(0)
-  if not cpu then return nil, err end
-  ctx.cpu = cpu
+--- `plan.cpus` vCPUs, ids 0.. (`ctx.cpus`); vCPU 0 (`ctx.cpu`) is the
+-- bootstrap processor, which the next steps set up. The others wait, in
+-- KVM's in-kernel local APIC, for the guest's INIT and start-up IPIs.
+function linux.STEPS.vcpu(ctx, plan)
+  ctx.cpus = {}
+  for i = 0, (plan.cpus or 1) - 1 do
+    local cpu, err = ctx.vm:vcpu(i)
+    if not cpu then return nil, err end
+    ctx.cpus[i + 1] = cpu
+  end
+  ctx.cpu = ctx.cpus[1]
 end
 
---- What the guest's CPUID says: `plan.cpuid`.
+--- What the guest's CPUID says: `plan.cpuid`, with each vCPU's APIC id
+-- (kvm.cpuid.for_cpu).
 function linux.STEPS.cpuid(ctx, plan)
-  local ok, err = ctx.cpu:set_cpuid(plan.cpuid)
-  if not ok then return nil, err end
+  for i, cpu in ipairs(ctx.cpus or { ctx.cpu }) do
+    local entries = i == 1 and plan.cpuid or cpuid.for_cpu(plan.cpuid, i - 1, plan.cpus)
+    local ok, err = cpu:set_cpuid(entries)
+    if not ok then return nil, err end
+  end
 end
 
 --- Long mode: page tables, GDT, control registers (kvm.x86.long_mode).
@@ -622,6 +639,8 @@ end
 -- @tparam table opts `kernel` (path, required), `initrd` (path), `cmdline`
 --   (default `linux.DEFAULT_CMDLINE`; this host's profile appends what it
 --   needs), `append` (more parameters), `memory` (bytes, default 128 MiB),
+--   `cpus` (vCPUs, default 1, at most `linux.MAX_CPUS`: the ACPI MADT lists
+--   them, each gets its APIC id in CPUID, the guest starts the others),
 --   `ram` (the RAM regions, see `linux.plan`), `layout` (placements, see
 --   `linux.DEFAULT_LAYOUT`), `cpuid` (function(entries), change or return the
 --   CPUID table), `on_exit` (function(e, ctx): return true to resume the
@@ -663,7 +682,8 @@ function linux.run(ctx, opts)
       if not slice or left < slice then slice = left end
     end
     run_opts.timeout = slice
-    local e = ctx.cpu:run(run_opts)
+    run_opts.cpus = ctx.cpus
+    local e = ctx.vm:run(run_opts)   -- every vCPU, each on a thread (one: on this one)
     local resume = false
     if e.reason == "timeout" and opts.every and (not deadline or kvm.now() < deadline) then
       -- a slice ended, not the run

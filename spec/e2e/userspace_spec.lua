@@ -140,6 +140,20 @@ describe("#e2e #userspace Linux to a shell", function()
     assert.equal("halted", e.reason, tostring(e))
   end)
 
+  it("boots with 2 CPUs (the guest starts the second through INIT/SIPI, each a thread here): " ..
+     "nproc says 2, poweroff ends every vCPU", function()
+    need_kernel()
+    local e, ctx, got = boot_to_shell({ cpus = 2 }, "poweroff",
+      { { send = "echo cpus-$(nproc)\n", wait = "cpus-2" } })
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.equal(2, #ctx.cpus)
+    assert.is_truthy(got.log:find("smpboot: Total of 2 processors activated", 1, true),
+      "the kernel did not bring up 2 CPUs")
+    for i, cpu in ipairs(ctx.cpus) do
+      assert.is_true(cpu:stats().exits > 0, ("vCPU %d never ran"):format(i - 1))
+    end
+  end)
+
   it("boots the bzImage to its shell too, and reboot ends the run with 'reset'", function()
     need_kernel()
     if not exists(DIR .. "/bzImage") then return pending("no " .. DIR .. "/bzImage: run make kernel") end
