@@ -29,7 +29,7 @@ static int take_result(lua_State *L, int is_mmio, BusCall *bc, uint64_t addr, in
   void *key = t == LUA_TLIGHTUSERDATA ? lua_touserdata(L, -1) : NULL;
   if (key && key >= (void *)kvm_stop_keys && key < (void *)(kvm_stop_keys + 3)) {
     int why = (int)((int *)key - kvm_stop_keys) + 1;
-    if (why > bc->c->stop) bc->c->stop = why;
+    kvm_stop_raise(bc->c, why);
     if (!is_write) memset(data, 0xff, size);
   } else if (!is_write) {
     int ok = t == LUA_TNUMBER;

@@ -76,14 +76,24 @@ struct Vcpu {
   size_t run_size;
   int (*enter)(Vcpu *c);         /* KVM_RUN (a bench harness fakes it) */
   int running;
-  volatile int stop;             /* 0, or 1 + the index of kvm_stop_reasons */
-  volatile int on_thread;        /* vm:run runs it on a thread of its own */
+  int stop;                      /* 0, or 1 + the index of kvm_stop_reasons (atomic: below) */
+  int on_thread;                 /* vm:run runs it on a thread of its own */
   int serving;                   /* ... whose request the Lua thread serves now */
-  volatile int halted;           /* ... whose last tick found it halted for good */
+  int halted;                    /* ... whose last tick found it halted for good (atomic) */
   uint64_t seq;                  /* bumped on every KVM_RUN; exits remember it */
   VcpuStats stats;
   uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */
 };
+
+/* a vCPU's stop request, read and raised from any thread (a stronger
+   reason wins: stopped < poweroff < reset) */
+static inline int kvm_stop_get(Vcpu *c) { return __atomic_load_n(&c->stop, __ATOMIC_ACQUIRE); }
+static inline void kvm_stop_raise(Vcpu *c, int why) {
+  int cur = kvm_stop_get(c);
+  while (why > cur &&
+         !__atomic_compare_exchange_n(&c->stop, &cur, why, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+  }
+}
 
 /* helpers (core.c) */
 uint64_t kvm_now_ns(void);

@@ -93,7 +93,7 @@ void kvm_run_enter_thread(RunState *rs) {
   tl_int = 0;
   rs->tick = &tl_tick;
   rs->intr = &tl_int;
-  if (rs->c->stop) rs->c->run->immediate_exit = 1;
+  if (kvm_stop_get(rs->c)) rs->c->run->immediate_exit = 1;
 }
 
 volatile sig_atomic_t *kvm_run_intr_flag(void) {
@@ -195,7 +195,7 @@ static int run_tick(RunState *rs) {
   *rs->tick = 0;
   rs->c->run->immediate_exit = 0;
   if (rs->threaded) {          /* the Lua thread does the rest, and ends the run when all halted */
-    rs->c->halted = rs->vm->has_irqchip && halted_for_good(rs);
+    __atomic_store_n(&rs->c->halted, rs->vm->has_irqchip && halted_for_good(rs), __ATOMIC_RELEASE);
     return D_CONTINUE;
   }
   if (rs->deadline && kvm_now_ns() >= rs->deadline) {
@@ -275,7 +275,8 @@ int kvm_run_loop(RunState *rs, int *kvm_errno) {
       else d = reason == KVM_EXIT_INTR ? D_CONTINUE : D_RETURN;
     }
     if (d != D_CONTINUE) return d;
-    if (c->stop) { rs->why = kvm_stop_reasons[c->stop]; return D_RETURN; }
+    int stop = kvm_stop_get(c);
+    if (stop) { rs->why = kvm_stop_reasons[stop]; return D_RETURN; }
     if (*intr) { rs->why = "intr"; return D_RETURN; }
     if (rs->max_exits && rc >= 0 &&
         (rs->exits ? __atomic_add_fetch(rs->exits, 1, __ATOMIC_RELAXED) : n) >= rs->max_exits) {
@@ -398,7 +399,7 @@ int l_vcpu_run(lua_State *L) {
   int outcome = kvm_run_loop(&rs, &kvm_errno);
   c->stats.ns_in_run += kvm_now_ns() - t0;
   run_cleanup(&rs);      /* restore everything before anything can raise */
-  c->stop = 0;
+  __atomic_store_n(&c->stop, 0, __ATOMIC_RELEASE);
   return finish(L, &rs, outcome, kvm_errno);
 }
 
@@ -411,7 +412,7 @@ or reset it would). Callable from a handler.
 int l_vcpu_stop(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
   int why = luaL_checkoption(L, 2, "stopped", kvm_stop_reasons + 1) + 1;
-  if (why > c->stop) c->stop = why;
+  kvm_stop_raise(c, why);
   if (c->run) c->run->immediate_exit = 1;
   return 0;
 }

@@ -132,7 +132,7 @@ static void stop_all(Hub *h) {
   for (int i = 0; i < h->n; i++) {
     Worker *w = &h->w[i];
     if (!w->started || w->finished) continue;
-    if (w->rs.c->stop == 0) w->rs.c->stop = 1;    /* "stopped" */
+    kvm_stop_raise(w->rs.c, 1);                  /* "stopped", unless it has a stronger reason */
     pthread_kill(w->tid, KVM_SIG_TICK);
   }
 }
@@ -181,7 +181,7 @@ static void refuse_waiting(Hub *h) {
 
 static int all_halted(Hub *h) {
   for (int i = 0; i < h->n; i++)
-    if (!h->w[i].rs.c->halted) return 0;
+    if (!__atomic_load_n(&h->w[i].rs.c->halted, __ATOMIC_ACQUIRE)) return 0;
   return 1;
 }
 
@@ -318,7 +318,7 @@ static void not_running(Hub *h) {
   Vm *vm = h->w[0].rs.vm;
   for (int i = 0; i < h->n; i++) {
     Vcpu *c = h->w[i].rs.c;
-    c->stop = 0;
+    __atomic_store_n(&c->stop, 0, __ATOMIC_RELEASE);
     c->running = 0;
     vm->running--;
   }
