@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <pthread.h>
 #include <linux/kvm.h>
 
 #include "lua.h"
@@ -77,7 +78,8 @@ struct Vcpu {
   int (*enter)(Vcpu *c);         /* KVM_RUN (a bench harness fakes it) */
   int running;
   int stop;                      /* 0, or 1 + the index of kvm_stop_reasons (atomic: below) */
-  int on_thread;                 /* vm:run runs it on a thread of its own */
+  int on_thread;                 /* vm:run runs it on a thread of its own: */
+  pthread_t thread;              /* ... this one (cpu:stop sends it the tick signal) */
   int serving;                   /* ... whose request the Lua thread serves now */
   int halted;                    /* ... whose last tick found it halted for good (atomic) */
   uint64_t seq;                  /* bumped on every KVM_RUN; exits remember it */

@@ -159,12 +159,19 @@ static void run_done(RunState *rs) {
 /* Halted for good: with the in-kernel irqchip, HLT does not exit; a vCPU
    KVM holds halted (KVM_GET_MP_STATE) with interrupts disabled and no NMI or
    event pending can only be woken by an NMI, and nothing here sends one (a
-   kernel's "System halted", or `cli; hlt`). */
+   kernel's "System halted", or `cli; hlt`). A vCPU that waits for INIT/SIPI
+   (an AP never started, or stopped again) counts too: another vCPU must
+   wake it, and vm:run ends a run as "halted" only when every one is. */
 static int halted_now(Vcpu *c, uint64_t *rip) {
   struct kvm_mp_state mp;
   struct kvm_regs r;
   struct kvm_vcpu_events e;
-  if (ioctl(c->fd, KVM_GET_MP_STATE, &mp) < 0 || mp.mp_state != KVM_MP_STATE_HALTED) return 0;
+  if (ioctl(c->fd, KVM_GET_MP_STATE, &mp) < 0) return 0;
+  if (mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED) {
+    *rip = 0;                    /* waits for a start-up IPI: only another CPU can send one */
+    return 1;
+  }
+  if (mp.mp_state != KVM_MP_STATE_HALTED) return 0;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0 || (r.rflags & 0x200)) return 0;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return 0;
   *rip = r.rip;
@@ -413,6 +420,7 @@ int l_vcpu_stop(lua_State *L) {
   Vcpu *c = kvm_checkvcpu(L, 1);
   int why = luaL_checkoption(L, 2, "stopped", kvm_stop_reasons + 1) + 1;
   kvm_stop_raise(c, why);
-  if (c->run) c->run->immediate_exit = 1;
+  if (c->on_thread && !c->serving) pthread_kill(c->thread, KVM_SIG_TICK);   /* out of KVM_RUN */
+  else if (c->run) c->run->immediate_exit = 1;
   return 0;
 }

@@ -249,7 +249,9 @@ static int serve_all(lua_State *L) {
         pthread_mutex_unlock(&h->mu);
         BusCall bc = h->bc;
         int st = kvm_devices_try_tick(vm, &bc);
-        if (st == BUS_ERROR) lua_replace(L, h->err_slot);
+        if (st == BUS_ERROR) {
+          if (!h->refuse) lua_replace(L, h->err_slot); else lua_pop(L, 1);
+        }
         pthread_mutex_lock(&h->mu);
         if (st == BUS_ERROR) { h->refuse = 1; stop_all(h); }
         else if (st == BUS_STOP) decide(h, bc.why);
@@ -480,13 +482,18 @@ int l_vm_run(lua_State *L) {
     int e = pthread_create(&h->w[i].tid, NULL, vcpu_thread, &h->w[i]);
     if (e) { create_err = e; break; }
     h->w[i].started = 1;
+    h->w[i].rs.c->thread = h->w[i].tid;
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   int started = 0;
   for (int i = 0; i < n; i++) started += h->w[i].started;
   if (create_err) {
     /* the threads that did start stop at once */
-    for (int i = started; i < n; i++) { h->w[i].finished = 1; h->nfinished++; }
+    for (int i = started; i < n; i++) {
+      h->w[i].finished = 1;
+      h->w[i].rs.c->on_thread = 0;
+      h->nfinished++;
+    }
     h->why = "stopped";
     stop_all(h);
   }

@@ -149,6 +149,28 @@ describe("#guest vm:run with several vCPUs", function()
     assert.equal("timeout", assert(vm:run{ timeout = 0.3 }).reason)
   end)
 
+  it("the BSP halted for good and an AP never started: reason 'halted'", function()
+    local vm = assert(kvm.vm())
+    vm:memory{ guest = 0, size = support.RAM }
+    assert(vm:irqchip())
+    local c0 = assert(vm:vcpu(0))
+    assert(vm:vcpu(1))
+    x86.real_mode(c0)
+    vm:write(0x1000, "\xfa\xf4\xeb\xfc")      -- cli; hlt; jmp back
+    c0:set_regs{ rip = 0x1000, rflags = 2 }
+    assert.equal("halted", assert(vm:run{ timeout = 30 }).reason)
+  end)
+
+  it("cpu:stop() from a handler stops another vCPU, spinning on its thread, at once", function()
+    local vm, cpus = smp_vm(2, { wait = 99 })   -- the BSP spins without exits
+    vm:on_io(0x10, function(_, _, _, v) if v == 1 then cpus[1]:stop() end end)
+    local t0 = kvm.now()
+    local e = assert(vm:run{ timeout = 20 })
+    assert.equal("stopped", e.reason)
+    assert.equal(0, e.cpu)
+    assert.is_true(kvm.now() - t0 < 5)
+  end)
+
   it("every vCPU halted for good with interrupts off: reason 'halted'", function()
     local vm = smp_vm(2)
     vm:on_io(0x10, function() end)
