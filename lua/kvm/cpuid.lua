@@ -83,8 +83,15 @@ function cpuid.for_cpu(entries, apic_id, cpus)
   return cpuid.topology(c, apic_id, cpus)
 end
 
+cpuid.TSC_DEADLINE_BIT = 1 << 24   -- CPUID.1:ECX: the local APIC timer's TSC-deadline mode
+
 --- CPUID entries for a guest vCPU.
--- @tparam[opt] table o {apic_id = n (default 0), cpus = how many vCPUs the
+-- @tparam[opt] table o {apic_id = n (default 0), tsc_deadline = true to
+--   offer the local APIC timer's TSC-deadline mode (KVM emulates it in its
+--   in-kernel LAPIC when it has KVM_CAP_TSC_DEADLINE_TIMER, and does not list
+--   it in KVM_GET_SUPPORTED_CPUID: a VMM with an in-kernel irqchip turns it
+--   on, as QEMU does; a Linux guest then skips calibrating the LAPIC timer
+--   against its tick, a busy wait), cpus = how many vCPUs the
 --   guest has (default 1: the topology, see cpuid.topology), profile = a host profile whose
 --   `cpuid(entries)` runs before the hook, hook = function(entries) returning
 --   entries or nil (changes in place), entries = a list to start from
@@ -108,7 +115,10 @@ function cpuid.guest(o)
     error("cpuid.guest: cpus must be an integer 1..255", 2)
   end
   local leaf1 = cpuid.find(entries, 1)
-  if leaf1 then leaf1.ecx = leaf1.ecx | cpuid.HYPERVISOR_BIT end
+  if leaf1 then
+    leaf1.ecx = leaf1.ecx | cpuid.HYPERVISOR_BIT
+    if o.tsc_deadline then leaf1.ecx = leaf1.ecx | cpuid.TSC_DEADLINE_BIT end
+  end
   cpuid.topology(entries, apic_id, cpus)
   if o.profile and o.profile.cpuid then o.profile.cpuid(entries) end
   if o.hook then entries = o.hook(entries) or entries end

@@ -360,8 +360,11 @@ end
 -- The CPUID table (kvm.cpuid: hypervisor bit, the profile, the user's hook)
 -- and the long-mode set-up it decides (1 GiB pages when the guest has pdpe1gb).
 local function plan_cpu(p, opts)
+  -- the platform step makes an in-kernel irqchip: its LAPIC timer has the
+  -- TSC-deadline mode when KVM says so
+  local deadline = (kvm.check_extension("tsc_deadline_timer") or 0) > 0
   local entries, err = cpuid.guest{ profile = p.profile, hook = opts.cpuid, entries = opts.cpuid_entries,
-                                    cpus = p.cpus }
+                                    cpus = p.cpus, tsc_deadline = deadline }
   if not entries then return nil, err end
   p.cpuid = entries
   local huge_1g = p.layout.huge_1g

@@ -124,7 +124,8 @@ describe("#e2e #userspace Linux to a shell", function()
     -- the kernel found the tables and used them
     assert.is_nil(got.log:find("RSDP was not found", 1, true))
     for _, line in ipairs{ "ACPI: RSDP 0x00000000000E0000", "ACPI: APIC 0x", "ACPI: PM: (supports S0 S5)",
-                           "IOAPIC[0]: apic_id", "Hypervisor detected: KVM", "clocksource: Switched to clocksource kvm-clock" } do
+                           "IOAPIC[0]: apic_id", "Hypervisor detected: KVM", "clocksource: Switched to clocksource kvm-clock",
+                           "TSC deadline timer available" } do
       assert.is_truthy(got.log:find(line, 1, true), "not in the kernel's log: " .. line)
     end
     assert.is_true(got.seconds < 150, ("took %.0f s"):format(got.seconds))

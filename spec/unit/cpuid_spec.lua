@@ -57,6 +57,12 @@ describe("kvm.cpuid topology", function()
     assert.are_not.equal(cpuid.find(bsp, 1), cpuid.find(ap, 1))
   end)
 
+  it("guest{tsc_deadline = true} offers the LAPIC timer's TSC-deadline mode; not by default", function()
+    assert.equal(cpuid.TSC_DEADLINE_BIT, cpuid.find(cpuid.guest{ entries = entries(), tsc_deadline = true }, 1).ecx
+      & cpuid.TSC_DEADLINE_BIT)
+    assert.equal(0, cpuid.find(cpuid.guest{ entries = entries() }, 1).ecx & cpuid.TSC_DEADLINE_BIT)
+  end)
+
   it("guest{cpus = ...} checks its argument", function()
     assert.has_error(function() cpuid.guest{ entries = entries(), cpus = 0 } end,
       "cpuid.guest: cpus must be an integer 1..255")
