@@ -185,8 +185,9 @@ int virtio_queue_process(Virtio *v, int qi) {
     VirtioChain c;
     if (walk_chain(v, desc, num, head, &c) < 0) return -1;
     uint32_t written = 0;
-    if (v->type->request(v, qi, &c, &written) < 0)
-      return fail(v, v->error ? v->error : "a request the device cannot take");
+    int st = v->type->request(v, qi, &c, &written);
+    if (st < 0) return fail(v, v->error ? v->error : "a request the device cannot take");
+    if (st > 0) break;                  /* the device takes it later */
     if (written > c.wlen) written = (uint32_t)c.wlen;
     uint8_t *u = used + 4 + 8 * (size_t)(q->used_idx % num);
     put32(u, head);

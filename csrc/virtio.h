@@ -56,8 +56,9 @@ typedef struct VirtioType {
   uint32_t device_id;            /* 2 block, 4 entropy */
   int nqueues;
   /* one chain popped from queue q: handle it, set *written (bytes put in
-     the writable buffers); 0, or -1 for a chain the device cannot accept
-     (the device then needs a reset) */
+     the writable buffers); 0, 1 to leave it (and the rest) in the queue for
+     later (a console's receive buffers while no input waits), or -1 for a
+     chain the device cannot accept (the device then needs a reset) */
   int (*request)(Virtio *v, int q, VirtioChain *c, uint32_t *written);
   void (*close)(Virtio *v);
   void (*stats)(Virtio *v, lua_State *L);

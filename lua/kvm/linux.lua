@@ -183,11 +183,13 @@ linux.VIRTIO_IRQ = 16
 linux.VIRTIO_MAX = 8
 
 --- Does a boot with these options need the kernel's modules (the virtio
--- drivers, modules in Debian's cloud kernel)? True with `disks` or `rng`.
+-- drivers, modules in Debian's cloud kernel)? True with `disks`, `rng` or
+-- `virtio_console`.
 -- @tparam table opts
 -- @treturn boolean
 function linux.wants_modules(opts)
   return (type(opts.disks) == "table" and #opts.disks > 0) or opts.rng == true
+    or opts.virtio_console ~= nil
 end
 
 --- The command line: `opts.cmdline` (default `linux.DEFAULT_CMDLINE`, without
@@ -352,6 +354,11 @@ local function plan_virtio(p, opts)
   end
   if opts.rng ~= nil and type(opts.rng) ~= "boolean" then error("linux.plan: 'rng' must be a boolean", 3) end
   if opts.rng then list[#list + 1] = { kind = "rng" } end
+  local con = opts.virtio_console
+  if con ~= nil then
+    if type(con) ~= "table" then error("linux.plan: 'virtio_console' must be a table {output =, input =}", 3) end
+    list[#list + 1] = { kind = "console", output = con.output, input = con.input }
+  end
   if #list > linux.VIRTIO_MAX then
     return nil, fmt("%d virtio devices, at most %d", #list, linux.VIRTIO_MAX)
   end
@@ -443,8 +450,9 @@ end
 --   entries, long_mode = kvm.x86.long_mode's layout, registers = set_regs's
 --   (rip is ctx.entry), devices =
 --   {serial = {port=, irq=, output=, input=}, power = true, virtio = {{kind =
---   "blk", path=, readonly=, size=, base=, irq=} or {kind = "rng", base=,
---   irq=}, ...} (only with disks or rng)}, profile = the host
+--   "blk", path=, readonly=, size=, base=, irq=}, {kind = "rng", base=,
+--   irq=} or {kind = "console", output=, input=, base=, irq=}, ...} (only
+--   with disks, rng or virtio_console)}, profile = the host
 --   profile or false, hugepages=}`. Numbers, strings and tables, but for the
 --   profile's functions and the console's `output`/`input` as given.
 -- @return[2] nil, message (a bad file, a layout that does not fit, a bad `acpi`, KVM's CPUID failing)
@@ -574,6 +582,8 @@ function linux.STEPS.devices(ctx, plan)
     local dev, err
     if v.kind == "blk" then
       dev, err = vm:virtio_blk{ path = v.path, readonly = v.readonly, base = v.base, irq = v.irq }
+    elseif v.kind == "console" then
+      dev = vm:virtio_console{ output = v.output, input = v.input, base = v.base, irq = v.irq }
     else
       dev, err = vm:virtio_rng{ base = v.base, irq = v.irq }
     end
@@ -706,7 +716,8 @@ end
 --   to change boot_params before packing), `acpi` (false, or options for
 --   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`), `disks` (a list
 --   of image paths or `{path =, readonly = false}`: virtio-blk devices, the
---   first /dev/vda), `rng` (true: a virtio-rng device).
+--   first /dev/vda), `rng` (true: a virtio-rng device), `virtio_console`
+--   (`{output =, input =}` as vm:virtio_console's: the guest's /dev/hvc0).
 -- @return the Exit that ended the run, and ctx
 -- @return[2] nil, message
 function linux.boot(opts)

@@ -90,15 +90,19 @@ local function need_kernel()
 end
 
 describe("#e2e #userspace virtio-mmio devices in Linux", function()
-  it("a disk the guest mounts, reads and writes, synced before poweroff; entropy from virtio-rng", function()
+  it("a disk the guest mounts, reads and writes, synced before poweroff; entropy from virtio-rng; " ..
+     "a virtio console", function()
     need_kernel()
     local img = ext4_image("marker-from-the-host")
-    local e, log, stats = boot({ disks = { img }, rng = true }, {
+    local hvc = ""
+    local e, log, stats = boot({ disks = { img }, rng = true,
+                                 virtio_console = { output = function(b) hvc = hvc .. b end } }, {
       { send = "echo luakvm-$((6*7))\n", wait = "luakvm-42" },
       { send = "mount -t ext4 /dev/vda /mnt && cat /mnt/marker.txt && echo written-in-the-guest > /mnt/newfile"
           .. " && sync && umount /mnt && echo disk-$((4+4))-ok\n", wait = "disk-8-ok" },
       { send = "cat /sys/devices/virtual/misc/hw_random/rng_current; head -c 64 /dev/hwrng | wc -c\n",
         wait = "\n64" },
+      { send = "echo through-hvc0-$((3+4)) > /dev/hvc0; echo hvc-$((2*5))-ok\n", wait = "hvc-10-ok" },
       { send = "poweroff\n", wait = "reboot: Power down" },
     })
     assert.equal("poweroff", e.reason, tostring(e))
@@ -110,6 +114,7 @@ describe("#e2e #userspace virtio-mmio devices in Linux", function()
     assert.truthy(out:find("written-in-the-guest", 1, true), out)
     assert.is_true(stats.blk_writes > 0 and stats.blk_flushes > 0 and stats.rng_bytes >= 64)
     assert.equal(0, stats.virtio_errors)
+    assert.truthy(hvc:find("through-hvc0-7", 1, true), "the virtio console said: " .. hvc)
   end)
 
   it("a read-only disk: the guest mounts and reads it, its writes fail, the image is unchanged", function()

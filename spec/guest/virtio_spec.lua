@@ -261,6 +261,65 @@ describe("virtio-mmio #guest", function()
     end)
   end)
 
+  describe("virtio-console", function()
+    -- queue 1 (transmit) of 8 at 0x13000/0x14000/0x15000; one chain of `text`
+    local function transmit(vm, dev, text)
+      w(dev, R.QSEL, 1); w(dev, R.QNUM, 8)
+      w(dev, R.DESC, 0x13000); w(dev, R.DRIVER, 0x14000); w(dev, R.DEVICE, 0x15000)
+      w(dev, R.QREADY, 1)
+      vm:write(0x30000, text)
+      vm:write(0x13000, string.pack("<I8I4I2I2", 0x30000, #text, 0, 0))
+      vm:write(0x14000, string.pack("<I2I2I2", 0, 1, 0))
+      w(dev, R.NOTIFY, 1)
+      return vm:u16(0x15002)
+    end
+
+    it("hands what the guest transmits to the output when run() returns; input fills receive buffers", function()
+      support.need_kvm()
+      local got = {}
+      local input = support.write_tmp("typed", tmp)
+      local dev
+      local vm, cpu = support.guest("\xf4", { setup = function(v)
+        dev = v:virtio_console{ output = function(b) got[#got + 1] = b end, input = io.open(input, "rb") }
+      end })
+      assert.equal(3, r(dev, R.DEVICE_ID))
+      local q = driver(vm, dev)                            -- queue 0: receive
+      q.submit{ { BUF, 64, WRITE } }
+      assert.same({ 1, 0, 5 }, { q.used() })
+      assert.equal("typed", vm:read(BUF, 5))
+      assert.equal(1, transmit(vm, dev, "hello hvc\n"))
+      assert.equal("hlt", cpu:run{ timeout = 5 }.reason)
+      assert.equal("hello hvc\n", table.concat(got))
+      local s = vm:stats()
+      assert.same({ 10, 5 }, { s.console_tx, s.console_rx })
+      vm:close()
+    end)
+
+    it("leaves receive buffers in their queue while no input waits", function()
+      support.need_kvm()
+      local vm = new_vm()
+      local dev = vm:virtio_console{ output = false }
+      local q = driver(vm, dev)
+      q.submit{ { BUF, 64, WRITE } }
+      assert.equal(0, vm:u16(USED + 2))
+      assert.equal(0, dev:info().queues[1].last_avail)
+      assert.is_nil(dev:info().error)
+      vm:close()
+    end)
+
+    it("raises on a bad output or input before claiming anything", function()
+      support.need_kvm()
+      local vm = new_vm()
+      assert.equal("vm:virtio_console: 'output' must be a file, a function or false, got number",
+        support.merr(vm, "virtio_console", { output = 1 }))
+      assert.equal("vm:virtio_console: 'input' must be a file, got string",
+        support.merr(vm, "virtio_console", { input = "x" }))
+      assert.equal("vm:virtio_console: unknown option 'speed'", support.merr(vm, "virtio_console", { speed = 1 }))
+      assert.same({}, vm:claims())
+      vm:close()
+    end)
+  end)
+
   describe("a hostile driver gets DEVICE_NEEDS_RESET", function()
     -- each: a chain (or a queue set-up) that breaks a rule, and the message
     local CASES = {

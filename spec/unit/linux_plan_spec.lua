@@ -184,6 +184,13 @@ describe("kvm.linux.plan", function()
     assert.equal("linux.plan: disks[1].readonly must be a boolean",
       support.err(function() plan{ kernel = kernel, disks = { { path = d1, readonly = "yes" } } } end))
     assert.equal("linux.plan: 'rng' must be a boolean", support.err(function() plan{ kernel = kernel, rng = 1 } end))
+    -- a virtio console after them, and it also needs the modules
+    local c = assert(plan{ kernel = kernel, rng = true, virtio_console = { output = false } })
+    assert.same({ { kind = "rng", base = 0xfeb00000, irq = 16 },
+                  { kind = "console", output = false, base = 0xfeb00200, irq = 17 } }, c.devices.virtio)
+    assert.is_nil(c.cmdline:find("nomodules", 1, true))
+    assert.equal("linux.plan: 'virtio_console' must be a table {output =, input =}",
+      support.err(function() plan{ kernel = kernel, virtio_console = true } end))
   end)
 
   it("returns nil and a message for what does not fit, and raises on bad options", function()
