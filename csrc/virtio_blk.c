@@ -22,7 +22,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "virtio.h"
@@ -47,36 +49,45 @@ typedef struct Blk {
   uint64_t reads, writes, flushes, read_bytes, write_bytes, io_errors;
 } Blk;
 
-/* pread or pwrite all of [p, p+n) at pos: 0, or -1 */
-static int io_all(int fd, int write, uint8_t *p, uint64_t n, uint64_t pos) {
-  while (n > 0) {
-    size_t chunk = n > (1u << 30) ? (1u << 30) : (size_t)n;
-    ssize_t r = write ? pwrite(fd, p, chunk, (off_t)pos) : pread(fd, p, chunk, (off_t)pos);
+/* preadv or pwritev all of iov[0..n) at pos (iov is consumed): 0, or -1 */
+static int io_all(int fd, int write, struct iovec *iov, int n, uint64_t pos) {
+  for (;;) {
+    while (n > 0 && iov->iov_len == 0) { iov++; n--; }   /* nothing to move there */
+    if (n == 0) return 0;
+    int cnt = n > IOV_MAX ? IOV_MAX : n;
+    ssize_t r = write ? pwritev(fd, iov, cnt, (off_t)pos) : preadv(fd, iov, cnt, (off_t)pos);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) return -1;
-    p += r; n -= (uint64_t)r; pos += (uint64_t)r;
+    pos += (uint64_t)r;
+    while (n > 0 && (size_t)r >= iov->iov_len) { r -= (ssize_t)iov->iov_len; iov++; n--; }
+    if (n > 0) { iov->iov_base = (uint8_t *)iov->iov_base + r; iov->iov_len -= (size_t)r; }
   }
-  return 0;
 }
 
-/* len bytes of the chain's readable (write = 1: file <- guest) or writable
-   (file -> guest) stream, from stream offset skip, at file offset pos */
+/* len bytes of the chain's readable (to_file: file <- guest) or writable
+   (file -> guest) stream, from stream offset skip, at file offset pos: one
+   preadv or pwritev over the guest's buffers */
 static int blk_io(Blk *b, const VirtioChain *c, int to_file, uint64_t skip, uint64_t len, uint64_t pos) {
-  uint64_t at = 0;
-  for (int i = 0; i < c->n && len > 0; i++) {
+  struct iovec iov[VIRTIO_QUEUE_MAX];
+  int n = 0;
+  uint64_t at = 0, want = len;
+  for (int i = 0; i < c->n && want > 0; i++) {
     const VirtioSeg *s = &c->seg[i];
     if (s->write == to_file) continue;    /* readable buffers feed the file, writable ones take it */
     uint64_t end = at + s->len;
     if (skip < end) {
       uint64_t from = skip > at ? skip - at : 0;
-      uint64_t n = s->len - from;
-      if (n > len) n = len;
-      if (io_all(b->fd, to_file, s->p + from, n, pos) < 0) return -1;
-      pos += n; len -= n; skip += n;
+      uint64_t k = s->len - from;
+      if (k > want) k = want;
+      iov[n].iov_base = s->p + from;
+      iov[n].iov_len = (size_t)k;
+      n++;
+      want -= k; skip += k;
     }
     at = end;
   }
-  return len == 0 ? 0 : -1;
+  if (want != 0) return -1;
+  return io_all(b->fd, to_file, iov, n, pos);
 }
 
 /* the data's sectors lie inside the disk */

@@ -210,6 +210,7 @@ describe("virtio-mmio #guest", function()
       assert.equal(1, blk_req(q, vm, 0, 1, 1024, "in"))                   -- crosses the end
       assert.equal(1, blk_req(q, vm, 0, 0, 100, "in"))                    -- not whole sectors
       assert.equal(1, blk_req(q, vm, 0, -1, 512, "in"))                   -- sector 2^64-1
+      assert.equal(0, blk_req(q, vm, 0, 0, 0, "in"))                      -- no data: nothing to read
       local s = vm:stats()
       assert.same({ 1, 1, 512, 4 }, { s.blk_writes, s.blk_flushes, s.blk_write_bytes, s.blk_io_errors })
       assert.equal(0, dev:info().status & NEEDS_RESET)
@@ -242,6 +243,37 @@ describe("virtio-mmio #guest", function()
       assert.equal(("A"):rep(300), vm:read(BUF + 0x100, 300))
       assert.equal(("A"):rep(212) .. "\0", vm:read(BUF + 0x300, 213))
       assert.same({ 1, 0, 513 }, { q.used() })
+      vm:close()
+    end)
+
+    it("reads and writes a request of 250 buffers (a preadv/pwritev each)", function()
+      support.need_kvm()
+      local vm = new_vm()
+      local path = image(300)
+      local dev = assert(vm:virtio_blk{ path = path })
+      local q = driver(vm, dev, { num = 256 })
+      local function chain(dir)
+        local d = { { BUF, 16, NEXT } }
+        for i = 0, 249 do d[#d + 1] = { 0x40000 + i * 0x400, 512, NEXT | (dir == "in" and WRITE or 0) } end
+        d[#d + 1] = { BUF + 0x80, 1, WRITE }
+        return d
+      end
+      vm:write(BUF, string.pack("<I4I4I8", 0, 0, 10))                      -- IN sectors 10..259
+      q.submit(chain("in"))
+      assert.equal(0, vm:u8(BUF + 0x80))
+      assert.same({ 1, 0, 250 * 512 + 1 }, { q.used() })
+      for i = 0, 249, 83 do
+        assert.equal(string.char(65 + (10 + i) % 26):rep(512), vm:read(0x40000 + i * 0x400, 512))
+      end
+      for i = 0, 249 do vm:write(0x40000 + i * 0x400, string.char(97 + i % 26):rep(512)) end
+      vm:write(BUF, string.pack("<I4I4I8", 1, 0, 20))                      -- OUT to sectors 20..269
+      q.submit(chain("out"))
+      assert.equal(0, vm:u8(BUF + 0x80))
+      local data = support.slurp(path)
+      for i = 0, 249, 50 do
+        assert.equal(string.char(97 + i % 26):rep(512), data:sub((20 + i) * 512 + 1, (21 + i) * 512))
+      end
+      assert.equal(("T"):rep(512), data:sub(19 * 512 + 1, 20 * 512))      -- sector 19 untouched
       vm:close()
     end)
   end)
