@@ -152,6 +152,7 @@ describe("kvm.sandbox #guest", function()
       end
       print("write", blk_req(1, 1, ("z"):rep(512), 512))
       print("flush", blk_req(4, 0))
+      vm:write(0x20100, ("\0"):rep(512))
       print("read", blk_req(0, 1, nil, 512), vm:read(0x20100, 4))
       print("rng", request(rng, { { 0x30000, 32, 2 } }))
       print("errors", vm:stats().virtio_errors)
