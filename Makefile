@@ -24,7 +24,7 @@ THREAD_SPECS = spec/guest/smp_spec.lua spec/guest/serial_spec.lua spec/guest/dev
 DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make tmux \
            pkg-config lz4 cpio busybox-static gzip zip unzip qemu-system-x86 acpica-tools \
            lua-check cppcheck clang-tidy clang libclang-rt-14-dev \
-           valgrind strace lua-ldoc
+           valgrind strace lua-ldoc e2fsprogs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps:
@@ -156,12 +156,12 @@ FUZZ_DIR      = spec/fuzz/build
 FUZZ_FLAGS    = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
                 -fno-sanitize-recover=undefined $(LUA_INC) -DLUAKVM_ROOT='"$(CURDIR)"'
 FUZZ_LIBS     = -llua5.4 -lelf
-FUZZERS       = elf bzimage exit
+FUZZERS       = elf bzimage exit virtio
 
-fuzz-build: $(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit
+fuzz-build: $(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit $(FUZZ_DIR)/fuzz_virtio
 
 # each harness is linked with the whole core and uses its private header
-$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
+$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit $(FUZZ_DIR)/fuzz_virtio: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -Icsrc -o $@ $< $(SRCS) $(FUZZ_LIBS)
 

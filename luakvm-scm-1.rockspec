@@ -31,6 +31,8 @@ build = {
       sources = { "csrc/util.c", "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/run.c",
                   "csrc/exit.c", "csrc/bus.c", "csrc/sink.c", "csrc/uart.c", "csrc/legacy.c",
                   "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
+                  "csrc/virtio.c", "csrc/virtio_blk.c", "csrc/virtio_rng.c",
+                  "csrc/virtio_console.c",
                   "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },

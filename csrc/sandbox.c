@@ -212,6 +212,9 @@ static const char *const base_allow[] = {
   "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "restart_syscall",
   "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
   "gettid", "getpid", "tgkill",
+  /* virtio devices: virtio-blk's requests (one preadv/pwritev each) and
+     FLUSH, virtio-rng's entropy */
+  "preadv", "pwritev", "fdatasync", "getrandom",
   /* Lua's allocator (glibc malloc) and guest memory */
   "mmap", "munmap", "mremap", "brk", "madvise", "mprotect",
   /* threads (vm:run: clone is allowed for threads only, below), scheduling, leaving */

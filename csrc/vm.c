@@ -1,7 +1,8 @@
 /*
 ** vm.c - kvm.vm: the VM object, guest-physical access, in-kernel devices,
 ** its bus's claims and its counters. The devices themselves are one file
-** each (uart.c, legacy.c, power.c, debugexit.c, debugcon.c, luadev.c); their
+** each (uart.c, legacy.c, power.c, debugexit.c, debugcon.c, luadev.c,
+** virtio_blk.c, virtio_rng.c and virtio_console.c on virtio.c); their
 ** vm: methods are listed in vm_methods below.
 */
 
@@ -338,6 +339,9 @@ int l_vm_debugcon(lua_State *L);      /* debugcon.c */
 int l_vm_debug_exit(lua_State *L);    /* debugexit.c */
 int l_vm_on_io(lua_State *L);         /* luadev.c */
 int l_vm_on_mmio(lua_State *L);       /* luadev.c */
+int l_vm_virtio_blk(lua_State *L);    /* virtio_blk.c */
+int l_vm_virtio_rng(lua_State *L);    /* virtio_rng.c */
+int l_vm_virtio_console(lua_State *L);  /* virtio_console.c */
 
 static const luaL_Reg vm_methods[] = {
   {"close", l_vm_close},
@@ -362,6 +366,9 @@ static const luaL_Reg vm_methods[] = {
   {"boot_markers", l_vm_boot_markers},
   {"power", l_vm_power},
   {"debugcon", l_vm_debugcon},
+  {"virtio_blk", l_vm_virtio_blk},
+  {"virtio_rng", l_vm_virtio_rng},
+  {"virtio_console", l_vm_virtio_console},
   {"load_elf", kvm_elf_load},
   {"stats", l_vm_stats},
   {"regions", l_vm_regions},

@@ -2,6 +2,7 @@
 --- boot_linux.lua: boot a Linux kernel on the serial console.
 --
 -- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256] [--cpus N]
+--          [--disk FILE[,ro]]... [--rng]
 --          [--cmdline "..."] [--append "..."] [--timeout SECONDS] [--status]
 --        lua5.4 examples/boot_linux.lua --help | --version
 -- (installed by the rock as `kvm-boot`; --help lists the options and their defaults)
@@ -39,7 +40,8 @@ local prog = root and "lua5.4 examples/boot_linux.lua" or script:match("[^/]*$")
 local me = root and "boot_linux" or prog   -- the messages' prefix
 
 local OPTIONS = { initrd = "string", mem = "mib", cpus = "number", cmdline = "string",
-                  append = "string", timeout = "number", status = "flag", version = "flag" }
+                  append = "string", timeout = "number", status = "flag", version = "flag",
+                  disk = "disks", rng = "flag" }
 
 local function help()
   local cmdline = ("  " .. linux.DEFAULT_CMDLINE):gsub("(" .. ("."):rep(60) .. "%S*) ", "%1\n  ")
@@ -54,6 +56,9 @@ options (default in brackets):
   --mem SIZE         guest RAM: a bare number is MiB, or with a suffix: 256M,
                      1G, 65536K; 16M or more, a multiple of 2M [MEM]
   --cpus N           virtual CPUs, 1 to MAXCPUS, each a thread of this process [1]
+  --disk FILE[,ro]   a raw disk image as a virtio-blk device, read-only with
+                     ,ro; repeat for more: the first is /dev/vda [none]
+  --rng              a virtio-rng device: the host's entropy [off]
   --cmdline "..."    replaces the default kernel command line [below]
   --append "..."     adds to the command line: the default one or --cmdline's
                      [nothing]
@@ -63,7 +68,9 @@ options (default in brackets):
   -h, --help         this help, then exit
   --version          the version, then exit
 A host profile (kvm.hostprofile; named on stderr when one applies) adds its
-parameters after the command line, before --append's.
+parameters after the command line, before --append's. With --disk or --rng
+the default command line leaves out nomodules (the virtio drivers are
+modules in Debian's cloud kernel; the initramfs loads them).
 
 default command line:
 CMDLINE
@@ -110,6 +117,7 @@ local console = cli.console{ echo = io.stdout }
 local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cpus = args.cpus,
                cmdline = args.cmdline,
                append = args.append, timeout = args.timeout, output = console.output,
+               disks = args.disk, rng = args.rng,
                input = io.stdin }   -- keyboard input goes to the guest (a terminal or a pipe)
 
 local ctx, err = linux.setup(opts)

@@ -6,9 +6,12 @@
 # Produces, in OUTDIR (default guest-kernel/):
 #   bzImage            Debian's cloud kernel (linux-image-cloud-amd64), as shipped in /boot
 #   vmlinux            the ELF kernel decompressed from the bzImage's LZ4 payload
-#   initramfs.cpio.gz  busybox-static + an /init that prints LUAKVM-INIT-OK and starts
-#                      busybox init, which runs a shell on the console and on `poweroff`
-#                      or `reboot` ends the system the way a distribution's init does
+#   modules/           the kernel package's virtio modules (virtio_ring, virtio, virtio_mmio,
+#                      virtio_blk, virtio-rng, virtio_console), for the initramfs
+#   initramfs.cpio.gz  busybox-static + the modules + an /init that loads them, prints
+#                      LUAKVM-INIT-OK and starts busybox init, which runs a shell on the
+#                      console and on `poweroff` or `reboot` ends the system the way a
+#                      distribution's init does
 #
 # Needs Debian (apt-get, dpkg-deb) on amd64. Installs lz4, busybox-static, cpio, gzip and
 # binutils when missing (as root, or through sudo). A second run with all three files
@@ -22,8 +25,13 @@ VMLINUX=$OUTDIR/vmlinux
 INITRAMFS=$OUTDIR/initramfs.cpio.gz
 # the initramfs's contents: bump when /init or /etc/inittab below change, and
 # a second run rebuilds the initramfs (and only it)
-INITRAMFS_VERSION=2
+INITRAMFS_VERSION=3
 INITRAMFS_STAMP=$OUTDIR/.initramfs-version
+MODULES=$OUTDIR/modules
+# the virtio drivers, in load order (each needs the ones before it); modules
+# (=m) in Debian's cloud kernel, which has no virtio-mmio command-line devices:
+# the VMM describes its devices in the ACPI DSDT (LNRO0005)
+VIRTIO_MODULES="virtio_ring virtio virtio_mmio virtio_blk virtio-rng virtio_console"
 META_PKG=linux-image-cloud-amd64
 LZ4_MAGIC='\x02\x21\x4c\x18'     # LZ4 legacy frame, as the kernel's "lz4 -l" writes it
 
@@ -88,6 +96,7 @@ if [ -s "$INITRAMFS" ] && [ "$(cat "$INITRAMFS_STAMP" 2>/dev/null)" != "$INITRAM
 	rm -f "$INITRAMFS"
 fi
 for f in "$BZIMAGE" "$VMLINUX" "$INITRAMFS"; do [ -s "$f" ] || have_all=0; done
+[ -d "$MODULES" ] || have_all=0
 
 report() {
 	rel=$(bz_release "$BZIMAGE")
@@ -100,7 +109,7 @@ report() {
 	else
 		echo "$VMLINUX: ($(human "$VMLINUX"))"
 	fi
-	echo "$INITRAMFS: gzip'd newc cpio, busybox-static + /init ($(human "$INITRAMFS"))"
+	echo "$INITRAMFS: gzip'd newc cpio, busybox-static + virtio modules + /init ($(human "$INITRAMFS"))"
 	echo "kernel version: $rel"
 }
 
@@ -164,8 +173,23 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/luakvm-kernel.XXXXXX")
 
 # ---------------------------------------------------------------- step 2: bzImage
 
-if [ -s "$BZIMAGE" ]; then
-	say "keeping existing $BZIMAGE"
+if [ -s "$BZIMAGE" ] && [ -d "$MODULES" ]; then
+	say "keeping existing $BZIMAGE and $MODULES"
+elif [ -s "$BZIMAGE" ]; then
+	# the modules of exactly this kernel (their vermagic must match): its versioned package
+	rel=$(bz_release "$BZIMAGE")
+	[ -n "$rel" ] || die "$BZIMAGE names no kernel release; remove it to fetch again"
+	mkdir "$TMP/deb"
+	if [ "$(id -u)" -eq 0 ] && id _apt >/dev/null 2>&1; then
+		chmod 0755 "$TMP"
+		chown _apt "$TMP/deb" || true
+	fi
+	say "apt-get download linux-image-$rel (for its modules)"
+	(cd "$TMP/deb" && apt-get download -q "linux-image-$rel") ||
+		die "apt-get download linux-image-$rel failed (remove $BZIMAGE to fetch the current kernel)"
+	deb=$(first "$TMP"/deb/linux-image-"$rel"_*.deb)
+	[ -n "$deb" ] || die "apt-get download left no linux-image-$rel .deb"
+	dpkg-deb -x "$deb" "$TMP/root" || die "dpkg-deb -x $deb failed"
 else
 	arch=$(dpkg --print-architecture)
 	[ "$arch" = amd64 ] || die "host architecture is $arch; $META_PKG needs an amd64 Debian"
@@ -203,6 +227,26 @@ else
 	[ -n "$vmlinuz" ] || die "$deb has no /boot/vmlinuz-*"
 	cp "$vmlinuz" "$BZIMAGE.tmp" && mv "$BZIMAGE.tmp" "$BZIMAGE"
 	say "$BZIMAGE <- ${vmlinuz##*/} from ${deb##*/}"
+fi
+
+# the virtio modules out of the package just unpacked, uncompressed
+if [ -d "$TMP/root" ]; then
+	rm -rf "$MODULES.tmp"
+	mkdir -p "$MODULES.tmp"
+	for m in $VIRTIO_MODULES; do
+		ko=$(find "$TMP/root/lib/modules" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n 1)
+		[ -n "$ko" ] || die "${deb##*/} has no $m module"
+		case $ko in
+		*.xz)  xz -dc "$ko" >"$MODULES.tmp/$m.ko" || die "xz -d $ko failed" ;;
+		*.zst) zstd -dc "$ko" >"$MODULES.tmp/$m.ko" || die "zstd -d $ko failed" ;;
+		*.gz)  gzip -dc "$ko" >"$MODULES.tmp/$m.ko" || die "gzip -d $ko failed" ;;
+		*)     cp "$ko" "$MODULES.tmp/$m.ko" ;;
+		esac
+	done
+	rm -rf "$MODULES"
+	mv "$MODULES.tmp" "$MODULES"
+	say "$MODULES <- $VIRTIO_MODULES"
+	rm -f "$INITRAMFS"             # built again with them
 	rm -rf "$TMP/root" "$TMP/deb"
 fi
 
@@ -257,14 +301,15 @@ if [ -s "$INITRAMFS" ]; then
 	say "keeping existing $INITRAMFS"
 else
 	R=$TMP/initramfs
-	mkdir -p "$R/bin" "$R/dev" "$R/proc" "$R/sys" "$R/tmp" "$R/root" "$R/etc"
+	mkdir -p "$R/bin" "$R/dev" "$R/proc" "$R/sys" "$R/tmp" "$R/root" "$R/etc" "$R/lib/modules" "$R/mnt"
+	for m in $VIRTIO_MODULES; do cp "$MODULES/$m.ko" "$R/lib/modules/$m.ko"; done
 	cp "$BUSYBOX" "$R/bin/busybox"
 	chmod 0755 "$R/bin/busybox"
 	# every applet as a relative symlink, like "busybox --install -s" but into the image
 	for a in $("$BUSYBOX" --list); do
 		[ "$a" = busybox ] || [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"
 	done
-	for a in sh mount echo cat ls uname poweroff reboot init setsid cttyhack; do
+	for a in sh mount echo cat ls uname poweroff reboot init setsid cttyhack insmod sync; do
 		[ -e "$R/bin/$a" ] || die "busybox has no '$a' applet"
 	done
 	if [ "$(id -u)" -eq 0 ]; then
@@ -283,6 +328,11 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
 # without a /dev/console in the image the kernel gave us no stdio: reopen it from devtmpfs
 [ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+# the virtio drivers (the VMM's disks, entropy, consoles), in dependency order;
+# quietly: a kernel booted with nomodules, or without virtio devices, goes on
+for m in virtio_ring virtio virtio_mmio virtio_blk virtio-rng virtio_console; do
+	insmod /lib/modules/$m.ko 2>/dev/null
+done
 echo LUAKVM-INIT-OK
 uname -r
 # busybox init as PID 1 (/etc/inittab): a shell on the console, started again

@@ -259,11 +259,60 @@ function acpi.aml_s5()
     .. "\x12" .. acpi.pkglength(#elements) .. elements -- PackageOp PkgLength
 end
 
---- The DSDT, revision 2: `\_S5` and then `o.dsdt_extra`.
+--- AML for a name string's integer: ZeroOp, OneOp or the shortest prefixed constant.
+-- @tparam integer v 0..2^32-1
+-- @treturn string
+function acpi.aml_integer(v)
+  if v == 0 then return "\x00" end
+  if v == 1 then return "\x01" end
+  if v < 0x100 then return pack("<BI1", 0x0a, v) end
+  if v < 0x10000 then return pack("<BI2", 0x0b, v) end
+  return pack("<BI4", 0x0c, v)
+end
+
+--- A resource template for one MMIO range and one interrupt: `Memory32Fixed
+-- (ReadWrite, base, size)`, `Interrupt (ResourceConsumer, Level, ActiveHigh,
+-- Exclusive) {gsi}`, the end tag; as a Buffer object.
+-- @tparam integer base
+-- @tparam integer size
+-- @tparam integer gsi
+-- @treturn string AML `Buffer (n) {...}`
+function acpi.aml_crs_mmio_irq(base, size, gsi)
+  local res = pack("<BI2BI4I4", 0x86, 9, 1, base, size)   -- Memory32Fixed, read-write
+    .. pack("<BI2BBI4", 0x89, 6, 0x01, 1, gsi)            -- Extended Interrupt: consumer, level, high, exclusive
+    .. "\x79\x00"                                         -- End Tag (checksum 0: none)
+  local body = acpi.aml_integer(#res) .. res
+  return "\x11" .. acpi.pkglength(#body) .. body          -- BufferOp
+end
+
+--- AML for one virtio-mmio device, as QEMU's microvm describes them:
+-- `Device (VRnn) { Name (_HID, "LNRO0005") Name (_UID, n) Name (_CCA, One)
+-- Name (_CRS, ResourceTemplate () { Memory32Fixed ... Interrupt ... }) }`.
+-- @tparam integer n its number (0..255): the name VR00.. and _UID
+-- @tparam table dev `{base =, size = (default 0x200), irq =}`
+-- @treturn string
+function acpi.aml_virtio(n, dev)
+  local body = fmt("VR%02X", n)
+    .. "\x08_HID\x0dLNRO0005\x00"
+    .. "\x08_UID" .. acpi.aml_integer(n)
+    .. "\x08_CCA\x01"
+    .. "\x08_CRS" .. acpi.aml_crs_mmio_irq(dev.base, dev.size or 0x200, dev.irq)
+  return "\x5b\x82" .. acpi.pkglength(#body) .. body      -- DeviceOp
+end
+
+--- The DSDT, revision 2: `\_S5`, then `Scope (\_SB) { ... }` with a device
+-- for each of `o.virtio` (none: no scope), then `o.dsdt_extra`.
 -- @tparam table o normalised options
 -- @treturn string
 function acpi.dsdt(o)
-  return acpi.table("DSDT", 2, acpi.aml_s5() .. o.dsdt_extra, o)
+  local sb = ""
+  if #o.virtio > 0 then
+    local devs = {}
+    for i, d in ipairs(o.virtio) do devs[i] = acpi.aml_virtio(i - 1, d) end
+    local body = "_SB_" .. table.concat(devs)              -- \_SB, as iasl writes it
+    sb = "\x10" .. acpi.pkglength(#body) .. body          -- ScopeOp
+  end
+  return acpi.table("DSDT", 2, acpi.aml_s5() .. sb .. o.dsdt_extra, o)
 end
 
 --- The MADT, revision 5: the local APIC address, PCAT_COMPAT (there are 8259s),
@@ -294,7 +343,7 @@ local DEFAULTS = {
   pm1a_evt = 0x600, pm1a_cnt = 0x604, oem_id = "LUAKVM", oem_revision = 1,
   i8042 = true, cmos_rtc = true, power_button = false, dsdt_extra = "",
 }
-local KNOWN = { ioapic = true, reset = true, oem_table_id = true, rtc_century = true }
+local KNOWN = { ioapic = true, reset = true, oem_table_id = true, rtc_century = true, virtio = true }
 for k in pairs(DEFAULTS) do KNOWN[k] = true end
 
 -- An integer in [lo, hi]; returns it or raises naming the field.
@@ -372,6 +421,23 @@ local function normalise(opts)
     addr = int("opts.ioapic.addr", pick(io.addr, 0xfec00000), 0, U32 - 1),
     gsi_base = int("opts.ioapic.gsi_base", pick(io.gsi_base, 0), 0, U32 - 1),
   }
+  o.virtio = {}
+  if opts.virtio ~= nil then
+    if type(opts.virtio) ~= "table" then error("opts.virtio must be a list, got " .. type(opts.virtio), 0) end
+    if #opts.virtio > 256 then error("opts.virtio: at most 256 devices", 0) end
+    for i, d in ipairs(opts.virtio) do
+      local where = fmt("opts.virtio[%d]", i)
+      d = sub(where, d, { base = true, size = true, irq = true })
+      o.virtio[i] = {
+        base = int(where .. ".base", d.base, 0, U32 - 1),
+        size = int(where .. ".size", pick(d.size, 0x200), 1, U32 - 1),
+        irq = int(where .. ".irq", d.irq, 0, 255),
+      }
+      if o.virtio[i].base + o.virtio[i].size > U32 then
+        error(fmt("%s: 0x%x bytes at 0x%x cross 4 GiB", where, o.virtio[i].size, o.virtio[i].base), 0)
+      end
+    end
+  end
   local rs = sub("opts.reset", opts.reset, { port = true, value = true })
   o.reset = {
     port = int("opts.reset.port", pick(rs.port, 0xcf9), 0, 0xffff),
@@ -416,6 +482,8 @@ end
 --   `power_button` (a fixed-feature power button in PM1, default false),
 --   `oem_id` (default "LUAKVM"), `oem_table_id` (default "LKVM" .. signature),
 --   `oem_revision` (default 1),
+--   `virtio` (virtio-mmio devices for the DSDT, `{{base =, irq =, size =
+--   0x200}, ...}`: `LNRO0005` devices VR00, VR01... under `\_SB`, default none),
 --   `dsdt_extra` (AML bytes appended to the DSDT, default "").
 -- @treturn table `{rsdp = GPA of the RSDP, base =, size = bytes from base to the
 --   end of the last table, blobs = {{name = "RSDP", sig = "RSD PTR ", addr =,

@@ -22,21 +22,33 @@ function cli.size(s, unit)
   return math.tointeger(n) << SHIFT[suffix ~= "" and suffix or unit or ""]
 end
 
+--- A disk from "FILE" or "FILE,ro" (`--disk`): `{path =, readonly =}`.
+-- @tparam string s
+-- @treturn ?table nil for an empty path or an unknown suffix after the comma
+function cli.disk(s)
+  local path, flag = tostring(s):match("^(.-),(%w+)$")
+  if not path then path = tostring(s) end
+  if path == "" or (flag and flag ~= "ro" and flag ~= "rw") then return nil end
+  return { path = path, readonly = flag == "ro" }
+end
+
 -- option kinds: the value from the argument that follows, or nil
 local KINDS = {
   string = function(v) return v end,
   number = tonumber,
   size = cli.size,
   mib = function(v) return cli.size(v, "M") end,
+  disks = cli.disk,
 }
 local WANT = { number = "a number expected", size = "a size like 256M expected",
-               mib = "a size like 256M expected" }
+               mib = "a size like 256M expected", disks = "FILE or FILE,ro expected" }
 
 --- Parse a script's arguments: `--name VALUE` for the named options,
 -- `--name` for flags, `-h`/`--help`, and positional arguments.
 -- @tparam table args the script's `arg`
 -- @tparam table options `{name = kind}`: kind "string", "number", "size" (`cli.size`),
---   "mib" (a size where a bare number counts MiB, as QEMU's -m: "256" is 256M) or "flag"
+--   "mib" (a size where a bare number counts MiB, as QEMU's -m: "256" is 256M),
+--   "disks" (repeatable `FILE[,ro]`: a list of `cli.disk`'s tables) or "flag"
 -- @tparam[opt=1] integer max_args how many positional arguments are allowed
 -- @treturn table `{name = value, ..., help = true (for -h or --help), [1] = the first positional, ...}`
 -- @return[2] nil, message: "--mem needs a value", "--mem: a size like 256M expected",
@@ -56,8 +68,14 @@ function cli.parse(args, options, max_args)
     elseif kind then
       i = i + 1
       if args[i] == nil then return nil, a .. " needs a value" end
-      out[name] = KINDS[kind](args[i])
-      if out[name] == nil then return nil, a .. ": " .. WANT[kind] end
+      local v = KINDS[kind](args[i])
+      if v == nil then return nil, a .. ": " .. WANT[kind] end
+      if kind == "disks" then             -- repeatable: a list in the order given
+        out[name] = out[name] or {}
+        table.insert(out[name], v)
+      else
+        out[name] = v
+      end
     elseif a:sub(1, 1) == "-" then
       return nil, "unknown option " .. a
     elseif #out < max_args then

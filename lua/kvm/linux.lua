@@ -177,13 +177,34 @@ local function file_size(path)
   return size
 end
 
---- The command line: `opts.cmdline` (default `linux.DEFAULT_CMDLINE`), the
--- host profile's parameters, then `opts.append`.
+--- Virtio-mmio slots: device i (from 0) has 0x200 bytes of registers at
+-- `VIRTIO_BASE + i * 0x200` (as QEMU's microvm) and GSI `VIRTIO_IRQ + i`
+-- (IOAPIC pins 16-23: no ISA device's); at most `VIRTIO_MAX` devices.
+linux.VIRTIO_BASE = 0xfeb00000
+linux.VIRTIO_IRQ = 16
+linux.VIRTIO_MAX = 8
+
+--- Does a boot with these options need the kernel's modules (the virtio
+-- drivers, modules in Debian's cloud kernel)? True with `disks`, `rng` or
+-- `virtio_console`.
+-- @tparam table opts
+-- @treturn boolean
+function linux.wants_modules(opts)
+  return (type(opts.disks) == "table" and #opts.disks > 0) or opts.rng == true
+    or opts.virtio_console ~= nil
+end
+
+--- The command line: `opts.cmdline` (default `linux.DEFAULT_CMDLINE`, without
+-- `nomodules` when `linux.wants_modules(opts)`), the host profile's
+-- parameters, then `opts.append`.
 -- @tparam table opts
 -- @tparam[opt] table profile a host profile (kvm.hostprofile)
 -- @treturn string
 function linux.cmdline(opts, profile)
   local cmdline = opts.cmdline or linux.DEFAULT_CMDLINE
+  if not opts.cmdline and linux.wants_modules(opts) then
+    cmdline = cmdline:gsub(" nomodules", "", 1)     -- the virtio drivers are modules
+  end
   if profile and profile.cmdline and profile.cmdline ~= "" then
     cmdline = cmdline .. " " .. profile.cmdline
   end
@@ -317,11 +338,53 @@ local function plan_layout(p)
   return pcall(linux.check_ranges, p.ranges, p.ram)
 end
 
+-- The virtio devices: plan.virtio = {{kind = "blk", path=, readonly=, base=,
+-- irq=} or {kind = "rng", base=, irq=}, ...}, the disks first; raises (level
+-- 3: plan's caller) on bad options, nil + message for a disk that is missing.
+local function plan_virtio(p, opts)
+  local list = {}
+  if opts.disks ~= nil and type(opts.disks) ~= "table" then
+    error("linux.plan: 'disks' must be a list of {path =, readonly =}", 3)
+  end
+  for i, d in ipairs(opts.disks or {}) do
+    if type(d) == "string" then d = { path = d } end
+    if type(d) ~= "table" or type(d.path) ~= "string" then
+      error(fmt("linux.plan: disks[%d] must be a path or {path = string, readonly = boolean}", i), 3)
+    end
+    if d.readonly ~= nil and type(d.readonly) ~= "boolean" then
+      error(fmt("linux.plan: disks[%d].readonly must be a boolean", i), 3)
+    end
+    local size, err = file_size(d.path)
+    if not size then return nil, err end
+    list[#list + 1] = { kind = "blk", path = d.path, readonly = d.readonly or false, size = size }
+  end
+  if opts.rng ~= nil and type(opts.rng) ~= "boolean" then error("linux.plan: 'rng' must be a boolean", 3) end
+  if opts.rng then list[#list + 1] = { kind = "rng" } end
+  local con = opts.virtio_console
+  if con ~= nil then
+    if type(con) ~= "table" then error("linux.plan: 'virtio_console' must be a table {output =, input =}", 3) end
+    list[#list + 1] = { kind = "console", output = con.output, input = con.input }
+  end
+  if #list > linux.VIRTIO_MAX then
+    return nil, fmt("%d virtio devices, at most %d", #list, linux.VIRTIO_MAX)
+  end
+  for i, d in ipairs(list) do
+    d.base = linux.VIRTIO_BASE + (i - 1) * 0x200
+    d.irq = linux.VIRTIO_IRQ + i - 1
+  end
+  p.virtio = list
+  return true
+end
+
 -- The ACPI tables (false with opts.acpi = false; a table of options adds to
 -- kvm.acpi.build's).
 local function plan_acpi(p, opts)
   if opts.acpi == false then return false end
   local aopts = { base = p.layout.acpi, cpus = p.cpus, irq0_gsi = 0 }  -- KVM routes the PIT to IOAPIC pin 0
+  if #p.virtio > 0 then
+    aopts.virtio = {}
+    for i, d in ipairs(p.virtio) do aopts.virtio[i] = { base = d.base, irq = d.irq } end
+  end
   for k, v in pairs(type(opts.acpi) == "table" and opts.acpi or {}) do aopts[k] = v end
   local ok, built = pcall(acpi.build, aopts)
   if not ok then return nil, tostring(built) end
@@ -396,7 +459,10 @@ end
 --   the zero page for kvm.bootparams.pack (its e820 is plan.e820), cpuid =
 --   entries, long_mode = kvm.x86.long_mode's layout, registers = set_regs's
 --   (rip is ctx.entry), devices =
---   {serial = {port=, irq=, output=, input=}, power = true}, profile = the host
+--   {serial = {port=, irq=, output=, input=}, power = true, virtio = {{kind =
+--   "blk", path=, readonly=, size=, base=, irq=}, {kind = "rng", base=,
+--   irq=} or {kind = "console", output=, input=, base=, irq=}, ...} (only
+--   with disks, rng or virtio_console)}, profile = the host
 --   profile or false, hugepages=}`. Numbers, strings and tables, but for the
 --   profile's functions and the console's `output`/`input` as given.
 -- @return[2] nil, message (a bad file, a layout that does not fit, a bad `acpi`, KVM's CPUID failing)
@@ -412,6 +478,8 @@ function linux.plan(opts)
   if not ok then return nil, err end
   ok, err = plan_layout(p)
   if not ok then return nil, err end
+  ok, err = plan_virtio(p, opts)
+  if not ok then return nil, err end
   p.acpi, err = plan_acpi(p, opts)
   if p.acpi == nil then return nil, err end
   local bp = plan_bootparams(p)
@@ -425,6 +493,8 @@ function linux.plan(opts)
   if not ok then return nil, err end
   p.devices = { serial = { port = 0x3f8, irq = 4, output = opts.output, input = opts.input },
                 legacy = true, power = p.acpi and true or false }
+  if #p.virtio > 0 then p.devices.virtio = p.virtio end
+  p.virtio = nil
   return p
 end
 
@@ -504,8 +574,10 @@ function linux.STEPS.zero_page(ctx, plan)
   ctx.vm:write(plan.layout.zero_page, bootparams.pack(bp))
 end
 
---- The devices a boot touches: the UART, the legacy ports, and with ACPI the
--- PM1a ports the FADT names (vm:power: S5 ends the run with "poweroff").
+--- The devices a boot touches: the UART, the legacy ports, with ACPI the
+-- PM1a ports the FADT names (vm:power: S5 ends the run with "poweroff"), and
+-- the virtio devices the DSDT names (`ctx.virtio`, kvm.virtio objects in
+-- `plan.devices.virtio` order).
 function linux.STEPS.devices(ctx, plan)
   local d, vm = plan.devices, ctx.vm
   local s = d.serial
@@ -514,6 +586,19 @@ function linux.STEPS.devices(ctx, plan)
   local built = plan.acpi
   if d.power and built then
     vm:power{ evt = built.pm1a_evt, cnt = built.pm1a_cnt, s5 = built.s5_slp_typ }
+  end
+  ctx.virtio = {}
+  for i, v in ipairs(d.virtio or {}) do
+    local dev, err
+    if v.kind == "blk" then
+      dev, err = vm:virtio_blk{ path = v.path, readonly = v.readonly, base = v.base, irq = v.irq }
+    elseif v.kind == "console" then
+      dev = vm:virtio_console{ output = v.output, input = v.input, base = v.base, irq = v.irq }
+    else
+      dev, err = vm:virtio_rng{ base = v.base, irq = v.irq }
+    end
+    if not dev then return nil, err end
+    ctx.virtio[i] = dev
   end
 end
 
@@ -651,7 +736,10 @@ end
 --   default io.stdout, no input), `timeout` (seconds), `profile` (a host
 --   profile, false for none; default: detected), `bootparams` (function(bp)
 --   to change boot_params before packing), `acpi` (false, or options for
---   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`).
+--   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`), `disks` (a list
+--   of image paths or `{path =, readonly = false}`: virtio-blk devices, the
+--   first /dev/vda), `rng` (true: a virtio-rng device), `virtio_console`
+--   (`{output =, input =}` as vm:virtio_console's: the guest's /dev/hvc0).
 -- @return the Exit that ended the run, and ctx
 -- @return[2] nil, message
 function linux.boot(opts)

@@ -41,6 +41,10 @@ local VM = {
   legacy_ports = { { {} }, accepts = { [1] = "nil table" } },
   power = { { {} }, accepts = { [1] = "nil table" } },
   debugcon = { { { output = false } }, accepts = { [1] = "nil table" } },
+  -- a missing image is nil + msg
+  virtio_blk = { { { path = "/nonexistent" } } },
+  virtio_rng = { { {} }, accepts = { [1] = "nil table" } },
+  virtio_console = { { { output = false } }, accepts = { [1] = "nil table" } },
   -- a path that is a number is a string to Lua: a missing file, nil + msg
   load_elf = { { "/nonexistent", {} }, accepts = { [1] = "string float negative maxinteger", [2] = "nil table" } },
 }

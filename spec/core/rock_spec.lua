@@ -237,14 +237,16 @@ describe("#rock the rock", function()
     local ok, out = sh("make -s doc 2>&1")
     assert.is_true(ok, out)
     for _, page in ipairs{ "index.html", "classes/kvm.vm.html", "classes/kvm.vcpu.html",
-                           "classes/kvm.memory.html", "classes/kvm.exit.html", "modules/kvm.linux.html",
+                           "classes/kvm.memory.html", "classes/kvm.exit.html", "classes/kvm.virtio.html",
+                           "modules/kvm.linux.html",
                            "modules/kvm.core.html", "examples/boot_linux.lua.html" } do
       assert.is_true(exists("doc/" .. page), "no doc/" .. page)
     end
     local f = assert(io.open("doc/classes/kvm.vm.html"))
     local vm_page = f:read("a")
     f:close()
-    for _, m in ipairs{ "vm:serial", "vm:power", "vm:debugcon", "vm:on_io", "vm:legacy_ports" } do
+    for _, m in ipairs{ "vm:serial", "vm:power", "vm:debugcon", "vm:on_io", "vm:legacy_ports", "vm:virtio_blk",
+                            "vm:virtio_rng" } do
       assert.matches(m, vm_page, 1, true)
     end
   end)

@@ -124,4 +124,28 @@ for name, p in pairs(EXIT) do
   write("exit", name, "\0" .. p)
   if name:match("unclaimed") then write("exit", name .. "_ignore", "\1" .. p) end
 end
+---------------------------------------------------------------- virtio
+-- fuzz_virtio.c's input: QueueNum pick, the desc/avail/used offsets in the
+-- region, notifies and their avail indexes, then the region (at 0x10000)
+local function vq(num_pick, avail_idx, descs, ring)
+  local region = {}
+  local d = {}
+  for i, x in ipairs(descs) do d[i] = string.pack("<I8I4I2I2", x[1], x[2], x[3], x[4] or 0) end
+  region[1] = table.concat(d)
+  region[1] = region[1] .. ("\0"):rep(0x1000 - #region[1])
+  local avail = string.pack("<I2I2", 0, avail_idx)
+  for _, h in ipairs(ring) do avail = avail .. string.pack("<I2", h) end
+  region[2] = avail .. ("\0"):rep(0x1000 - #avail)
+  return string.pack("<BI2I2I2BI2I2I2I2", num_pick, 0, 0x1000, 0x2000, 1, avail_idx, avail_idx, 0, 0)
+    .. table.concat(region) .. ("\0"):rep(0x100) .. ("\x11"):rep(64)
+end
+local VIRTIO = {
+  one = vq(5, 1, { { 0x13000, 16, 1, 1 }, { 0x13100, 64, 2 } }, { 0 }),
+  two = vq(5, 2, { { 0x13000, 16, 0 }, { 0x13100, 512, 2 } }, { 0, 1 }),
+  loop = vq(5, 1, { { 0x13000, 16, 1, 1 }, { 0x13100, 64, 3, 0 } }, { 0 }),
+  outside = vq(4, 1, { { 0x30000, 16, 2 } }, { 0 }),
+  indirect = vq(4, 1, { { 0x13000, 16, 4 } }, { 0 }),
+  full = vq(10, 256, { { 0x13000, 16, 2 } }, {}),
+}
+for name, bytes in pairs(VIRTIO) do write("virtio", name, bytes) end
 print("corpus written")

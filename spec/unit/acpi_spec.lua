@@ -201,6 +201,27 @@ describe("kvm.acpi", function()
     assert.are.equal(0, acpi.sum(d))
   end)
 
+  it("describes virtio-mmio devices in the DSDT: LNRO0005, Memory32Fixed, a level interrupt", function()
+    local b = acpi.build{ virtio = { { base = 0xfeb00000, irq = 16 }, { base = 0xfeb00200, irq = 17, size = 0x1000 } } }
+    local d = named(b, "DSDT").bytes
+    assert.are.equal(0, acpi.sum(d))
+    local body = d:sub(37 + #S5_AML)
+    -- Scope (\_SB) { Device (VR00) {...} Device (VR01) {...} }
+    assert.are.equal(0x10, body:byte(1))                            -- ScopeOp, a 2-byte PkgLength
+    assert.are.equal("_SB_\x5b\x82", body:sub(4, 9))
+    local dev0 = "VR00\x08_HID\x0dLNRO0005\x00\x08_UID\x00\x08_CCA\x01\x08_CRS"
+      .. "\x11\x1a\x0a\x17"                                    -- Buffer (23)
+      .. "\x86\x09\x00\x01" .. string.pack("<I4I4", 0xfeb00000, 0x200)
+      .. "\x89\x06\x00\x01\x01" .. string.pack("<I4", 16)       -- consumer, level, active high
+      .. "\x79\x00"
+    assert.are.equal("\x5b\x82" .. acpi.pkglength(#dev0) .. dev0, acpi.aml_virtio(0, { base = 0xfeb00000, irq = 16 }))
+    assert.truthy(body:find(dev0, 1, true))
+    assert.truthy(body:find("VR01\x08_HID\x0dLNRO0005\x00\x08_UID\x01", 1, true))
+    assert.truthy(body:find(string.pack("<I4I4", 0xfeb00200, 0x1000), 1, true))
+    -- none: no scope, the DSDT as before
+    assert.are.equal(S5_AML, named(acpi.build{ virtio = {} }, "DSDT").bytes:sub(37))
+  end)
+
   it("takes the OEM ids", function()
     local b = acpi.build{ oem_id = "ACME", oem_table_id = "VM1", oem_revision = 7 }
     for _, blob in ipairs(b.blobs) do
@@ -292,6 +313,13 @@ describe("kvm.acpi", function()
       'acpi.build: opts.oem_table_id must be at most 8 printable ASCII characters, got "A\\0"' },
     { "i8042 not a boolean", { i8042 = 1 }, "acpi.build: opts.i8042 must be a boolean, got number" },
     { "rtc_century 0x80", { rtc_century = 0x80 }, "acpi.build: opts.rtc_century = 128 out of range (0..127)" },
+    { "virtio not a list", { virtio = 1 }, "acpi.build: opts.virtio must be a list, got number" },
+    { "a virtio device without irq", { virtio = { { base = 0x1000 } } },
+      "acpi.build: opts.virtio[1].irq must be an integer, got nil" },
+    { "a virtio device past 4 GiB", { virtio = { { base = 0xffffff00, irq = 5 } } },
+      "acpi.build: opts.virtio[1]: 0x200 bytes at 0xffffff00 cross 4 GiB" },
+    { "a virtio device's unknown field", { virtio = { { base = 0, irq = 5, gsi = 1 } } },
+      "acpi.build: opts.virtio[1]: unknown field 'gsi'" },
     { "dsdt_extra not a string", { dsdt_extra = {} },
       "acpi.build: opts.dsdt_extra must be a string of AML bytes, got table" },
   }
@@ -411,6 +439,17 @@ describe("kvm.acpi under iasl", function()
       check(acpi.build{ cpus = cpus })
     end)
   end
+
+  it("disassembles the DSDT with virtio-mmio devices, without errors or warnings", function()
+    local virtio = {}
+    for i = 1, 8 do virtio[i] = { base = 0xfeb00000 + (i - 1) * 0x200, irq = 15 + i } end
+    check(acpi.build{ virtio = virtio })
+    local dsl = slurp(dir .. "/dsdt.dsl")
+    assert.truthy(dsl:find('Name (_HID, "LNRO0005")', 1, true))
+    assert.truthy(dsl:find("Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, )", 1, true))
+    assert.truthy(dsl:find("0xFEB00E00,", 1, true))
+    assert.truthy(dsl:find("Device (VR07)", 1, true))
+  end)
 
   it("disassembles the DSDT with 2- and 3-byte PkgLengths in dsdt_extra, and other options", function()
     -- Name (BUFA, Buffer (0x200) {...}) and Name (BUFB, Buffer (0x1800) {...})

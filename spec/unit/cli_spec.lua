@@ -26,6 +26,16 @@ describe("kvm.cli", function()
     end)
   end
 
+  it("takes --disk FILE[,ro] again and again, in order", function()
+    local o = { disk = "disks", rng = "flag" }
+    assert.same({ disk = { { path = "a.img", readonly = false }, { path = "b,c.img", readonly = true },
+                           { path = "d.img", readonly = false } }, rng = true },
+      cli.parse({ "--disk", "a.img", "--rng", "--disk", "b,c.img,ro", "--disk", "d.img,rw" }, o))
+    assert.same({ nil, "--disk: FILE or FILE,ro expected" }, { cli.parse({ "--disk", ",ro" }, o) })
+    assert.same({ nil, "--disk: FILE or FILE,ro expected" }, { cli.parse({ "--disk", "a.img,rx" }, o) })
+    assert.same({ nil, "--disk needs a value" }, { cli.parse({ "--disk" }, o) })
+  end)
+
   it("reads sizes", function()
     assert.same({ 4096, 64 << 10, 256 << 20, 1 << 30, 2 << 30 },
       { cli.size("4096"), cli.size("64k"), cli.size("256M"), cli.size("1G"), cli.size("2g") })

@@ -155,6 +155,44 @@ describe("kvm.linux.plan", function()
     assert.has_error(function() plan{ kernel = tmpfile(elf()), cpuid = boom } end, "hook failed")
   end)
 
+  it("plans virtio devices: disks then rng in the slots, the DSDT, no nomodules", function()
+    local kernel = tmpfile(elf())
+    local d1, d2 = tmpfile(("\0"):rep(4096)), tmpfile(("\0"):rep(1024))
+    local p = assert(plan{ kernel = kernel, disks = { d1, { path = d2, readonly = true } }, rng = true })
+    assert.same({
+      { kind = "blk", path = d1, readonly = false, size = 4096, base = 0xfeb00000, irq = 16 },
+      { kind = "blk", path = d2, readonly = true, size = 1024, base = 0xfeb00200, irq = 17 },
+      { kind = "rng", base = 0xfeb00400, irq = 18 },
+    }, p.devices.virtio)
+    assert.is_nil(not_plain(p, "plan"))
+    assert.equal(linux.DEFAULT_CMDLINE:gsub(" nomodules", ""), p.cmdline)
+    local dsdt
+    for _, b in ipairs(p.acpi.blobs) do if b.name == "DSDT" then dsdt = b.bytes end end
+    local n = 0
+    for _ in dsdt:gmatch("LNRO0005") do n = n + 1 end
+    assert.equal(3, n)
+    -- a command line of one's own is left as it is
+    assert.equal("console=ttyS0 nomodules", plan{ kernel = kernel, rng = true, cmdline = "console=ttyS0 nomodules" }.cmdline)
+    assert.is_nil(plan{ kernel = kernel }.devices.virtio)
+    assert.same({ nil, "/nonexistent.img: No such file or directory" },
+      { plan{ kernel = kernel, disks = { "/nonexistent.img" } } })
+    local nine = {}
+    for i = 1, 9 do nine[i] = d1 end
+    assert.same({ nil, "9 virtio devices, at most 8" }, { plan{ kernel = kernel, disks = nine } })
+    assert.equal("linux.plan: disks[1] must be a path or {path = string, readonly = boolean}",
+      support.err(function() plan{ kernel = kernel, disks = { 1 } } end))
+    assert.equal("linux.plan: disks[1].readonly must be a boolean",
+      support.err(function() plan{ kernel = kernel, disks = { { path = d1, readonly = "yes" } } } end))
+    assert.equal("linux.plan: 'rng' must be a boolean", support.err(function() plan{ kernel = kernel, rng = 1 } end))
+    -- a virtio console after them, and it also needs the modules
+    local c = assert(plan{ kernel = kernel, rng = true, virtio_console = { output = false } })
+    assert.same({ { kind = "rng", base = 0xfeb00000, irq = 16 },
+                  { kind = "console", output = false, base = 0xfeb00200, irq = 17 } }, c.devices.virtio)
+    assert.is_nil(c.cmdline:find("nomodules", 1, true))
+    assert.equal("linux.plan: 'virtio_console' must be a table {output =, input =}",
+      support.err(function() plan{ kernel = kernel, virtio_console = true } end))
+  end)
+
   it("returns nil and a message for what does not fit, and raises on bad options", function()
     local kernel = tmpfile(support.make_bzimage())
     assert.same({ nil, ("layout: zero_page (0x20000-0x20fff) overlaps cmdline (0x20000-0x%x)"):format(

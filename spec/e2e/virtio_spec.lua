@@ -1,0 +1,138 @@
+-- End-to-end: Debian's cloud kernel with virtio-mmio devices described in the
+-- DSDT (kvm.acpi), driven by the virtio modules the initramfs loads (`make
+-- kernel`). A disk image made from a folder without root (mke2fs -d) is
+-- mounted, read and written in the guest; the host then finds the guest's
+-- file in it (debugfs). Read-only, the guest cannot change a byte of it. The
+-- entropy device becomes the guest's hw_random source.
+-- Tagged e2e and userspace: run nested on a kvm_pvm host (tools/test.sh).
+local support = require "support"
+local linux = require "kvm.linux"
+
+local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
+
+local function exists(p)
+  local f = io.open(p, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+local tmp = {}
+teardown(function() for _, p in ipairs(tmp) do os.execute("rm -rf '" .. p .. "'") end end)
+
+-- an 8 MiB ext4 image holding /marker.txt, made without root
+local function ext4_image(marker)
+  local dir = support.sh("mktemp -d"):match("^(%S+)")
+  tmp[#tmp + 1] = dir
+  local f = assert(io.open(dir .. "/marker.txt", "w"))
+  f:write(marker, "\n")
+  f:close()
+  local img = os.tmpname()
+  tmp[#tmp + 1] = img
+  local out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin mke2fs -q -F -t ext4 -d '%s' '%s' 8M"):format(dir, img))
+  assert.equal(0, code, out)
+  return img
+end
+
+local function md5(path)
+  return (support.sh("md5sum '" .. path .. "'"):match("^(%x+)"))
+end
+
+-- Boot with `setup` options; type each step's `send` once the console has
+-- shown the previous step's `wait` (the first: once /init says it is up),
+-- then poweroff. Returns the exit, the console log and the VM's counters.
+local function boot(setup, steps)
+  local text = {}
+  local files = {}
+  for i, s in ipairs(steps) do
+    local t, flag = os.tmpname(), os.tmpname()
+    os.remove(flag)
+    local f = assert(io.open(t, "wb")); f:write(s.send); f:close()
+    files[i] = { text = t, flag = flag }
+    text[#text + 1] = ("while [ ! -e %s ]; do sleep 0.2; done; cat %s"):format(flag, t)
+  end
+  local pipe = assert(io.popen("sh -c '" .. table.concat(text, "; ") .. "'", "r"))
+  local function go(i) local f = io.open(files[i].flag, "w"); if f then f:close() end end
+  local waits = { "LUAKVM-INIT-OK" }
+  for i, s in ipairs(steps) do waits[i + 1] = s.wait end
+  local stage, seen, log = 1, "", {}
+  local function output(bytes)
+    io.stderr:write(bytes)
+    log[#log + 1] = bytes
+    seen = (seen .. bytes):sub(-8192)
+    if stage <= #steps and seen:find(waits[stage], 1, true) then
+      go(stage)
+      stage = stage + 1
+      seen = ""
+    end
+  end
+  local opts = { kernel = DIR .. "/vmlinux", initrd = DIR .. "/initramfs.cpio.gz",
+                 memory = 128 << 20, output = output, input = pipe }
+  for k, v in pairs(setup) do opts[k] = v end
+  local ctx, err = linux.setup(opts)
+  assert(ctx, err)
+  local e = linux.run(ctx, { timeout = 240 })
+  local stats = ctx.vm:stats()
+  ctx.vm:close()
+  for i = stage, #steps do go(i) end
+  pipe:close()
+  for _, f in ipairs(files) do os.remove(f.text); os.remove(f.flag) end
+  local all = table.concat(log)
+  assert.is_true(stage > #steps, ("the guest never printed %q; the run ended with %s")
+    :format(waits[math.min(stage, #waits)], tostring(e)))
+  return e, all, stats
+end
+
+local function need_kernel()
+  support.need_kvm()
+  if not exists(DIR .. "/vmlinux") or not exists(DIR .. "/initramfs.cpio.gz") or not exists(DIR .. "/modules") then
+    return pending("no kernel, initramfs or modules in " .. DIR .. ": run make kernel")
+  end
+end
+
+describe("#e2e #userspace virtio-mmio devices in Linux", function()
+  it("a disk the guest mounts, reads and writes, synced before poweroff; entropy from virtio-rng; " ..
+     "a virtio console", function()
+    need_kernel()
+    local img = ext4_image("marker-from-the-host")
+    local hvc = ""
+    local e, log, stats = boot({ disks = { img }, rng = true,
+                                 virtio_console = { output = function(b) hvc = hvc .. b end } }, {
+      { send = "echo luakvm-$((6*7))\n", wait = "luakvm-42" },
+      { send = "mount -t ext4 /dev/vda /mnt && cat /mnt/marker.txt && echo written-in-the-guest > /mnt/newfile"
+          .. " && sync && umount /mnt && echo disk-$((4+4))-ok\n", wait = "disk-8-ok" },
+      { send = "cat /sys/devices/virtual/misc/hw_random/rng_current; head -c 64 /dev/hwrng | wc -c\n",
+        wait = "\n64" },
+      { send = "echo through-hvc0-$((3+4)) > /dev/hvc0; echo hvc-$((2*5))-ok\n", wait = "hvc-10-ok" },
+      { send = "poweroff\n", wait = "reboot: Power down" },
+    })
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.truthy(log:find("[vda] 16384 512-byte logical blocks", 1, true), "no vda in the kernel's log")
+    assert.truthy(log:find("marker-from-the-host", 1, true))
+    assert.truthy(log:find("virtio_rng.0", 1, true), "rng_current does not name virtio_rng.0")
+    local out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin debugfs -R 'cat /newfile' '%s'"):format(img))
+    assert.equal(0, code, out)
+    assert.truthy(out:find("written-in-the-guest", 1, true), out)
+    assert.is_true(stats.blk_writes > 0 and stats.blk_flushes > 0 and stats.rng_bytes >= 64)
+    assert.equal(0, stats.virtio_errors)
+    assert.truthy(hvc:find("through-hvc0-7", 1, true), "the virtio console said: " .. hvc)
+  end)
+
+  it("a read-only disk: the guest mounts and reads it, its writes fail, the image is unchanged", function()
+    need_kernel()
+    local img = ext4_image("read-only-marker")
+    local before = md5(img)
+    local e, log, stats = boot({ disks = { { path = img, readonly = true } } }, {
+      { send = "echo luakvm-$((6*7))\n", wait = "luakvm-42" },
+      { send = "mount -t ext4 /dev/vda /mnt; cat /mnt/marker.txt; echo x > /mnt/newfile || echo write-$((2+2))-failed\n",
+        wait = "write-4-failed" },
+      { send = "umount /mnt; dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync; sync; echo dd-$((5+5))-done\n",
+        wait = "dd-10-done" },
+      { send = "poweroff\n", wait = "reboot: Power down" },
+    })
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.truthy(log:find("read-only-marker", 1, true))
+    assert.equal(before, md5(img))
+    assert.equal(0, stats.blk_writes)
+    assert.equal(0, stats.virtio_errors)
+  end)
+end)
