@@ -31,7 +31,7 @@ build = {
       sources = { "csrc/util.c", "csrc/core.c", "csrc/vm.c", "csrc/mem.c", "csrc/vcpu.c", "csrc/run.c",
                   "csrc/exit.c", "csrc/bus.c", "csrc/sink.c", "csrc/uart.c", "csrc/legacy.c",
                   "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
-                  "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c" },
+                  "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c", "csrc/debug.c", "csrc/socket.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },
       libdirs = { "$(LIBELF_LIBDIR)" },
@@ -47,6 +47,8 @@ build = {
     ["kvm.acpi"] = "lua/kvm/acpi.lua",
     ["kvm.cpuid"] = "lua/kvm/cpuid.lua",
     ["kvm.cli"] = "lua/kvm/cli.lua",
+    ["kvm.debug"] = "lua/kvm/debug.lua",
+    ["kvm.gdb"] = "lua/kvm/gdb.lua",
   },
   install = {
     bin = { ["kvm-boot"] = "examples/boot_linux.lua" },
