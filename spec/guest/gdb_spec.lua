@@ -16,6 +16,12 @@ describe("kvm.gdb", function()
   local kvm = require "kvm"
   local gdb = kvm.gdb
 
+  -- tools/nested.sh's first-level guest leaves its loopback interface down
+  -- (127.0.0.1: "Network is unreachable"): bring it up there
+  setup(function()
+    if os.getenv("LUAKVM_NESTED") == "1" then support.sh("ip link set lo up") end
+  end)
+
   -- hardware execute breakpoints stop the guest here? (debug_spec.lua's `can`)
   local function hw_ok()
     local info = kvm.host_info()
