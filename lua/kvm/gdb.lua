@@ -32,6 +32,10 @@ local M = {}
 --- The largest packet accepted and offered (PacketSize).
 M.PACKET_SIZE = 0x4000
 
+--- The system calls the stub needs beyond kvm.sandbox()'s default set, once
+-- it listens: `kvm.sandbox{allow = kvm.gdb.SANDBOX_ALLOW}` after `gdb.new`.
+M.SANDBOX_ALLOW = { "accept4", "recvfrom", "sendto", "setsockopt", "getsockname" }
+
 local SIGINT, SIGTRAP = 2, 5
 local fmt = string.format
 

@@ -412,4 +412,38 @@ describe("kvm.gdb", function()
       assert.equal(1, cpu:regs().rax)
     end)
   end)
+  describe("sandboxed", function()
+    it("kvm.sandbox{allow = kvm.gdb.SANDBOX_ALLOW}: the stub serves a client; a new socket is refused", function()
+      support.need_kvm()
+      local code, out = support.child([[
+        local support = require "support"
+        local kvm = require "kvm"
+        if os.getenv("LUAKVM_NESTED") == "1" then support.sh("ip link set lo up") end
+        local vm, cpu = support.guest("\xb9\x05\x00\x00\x00\x48\xff\xc0\xe2\xfb\xf4", { mode = "long" })
+        local stub = assert(kvm.gdb.new(cpu, { listen = "127.0.0.1:0" }))
+        local client = assert(kvm.tcp_connect("127.0.0.1", stub.port, 5))
+        assert(kvm.sandbox{ allow = kvm.gdb.SANDBOX_ALLOW })
+        print("listen", kvm.tcp_listen("127.0.0.1", 0))
+        assert(stub:accept(5))
+        local g = kvm.gdb.frame
+        assert(client:send(g("m1000,5") .. g("s") .. g("p10") .. g("Z1,100a,1") .. g("k")))
+        print("stopped", stub:stopped(nil, 5, true))
+        local got = {}
+        while true do
+          local s = client:recv(65536, 0.2)
+          if not s then break end
+          got[#got + 1] = s
+        end
+        print("replies", table.concat(got))
+        print("run", cpu:run{ timeout = 5 }.reason)
+      ]])
+      assert.equal(0, code, out)
+      assert.matches("listen\tnil\tsocket: Operation not permitted\t1\n", out, 1, true)
+      assert.matches("stopped\tkill\n", out, 1, true)
+      local f = gdb.frame
+      assert.matches("replies\t+" .. f("b905000000") .. "+" .. f("T05thread:1;") .. "+" .. f("0510000000000000")
+                     .. "+" .. f("OK") .. "+\n", out, 1, true)
+      assert.matches("run\thlt\n", out, 1, true)
+    end)
+  end)
 end)
