@@ -141,8 +141,9 @@ ctx.log = function(msg) io.stderr:write("\r\n", me, ": ", msg, "\r\n") end
 -- each "debug" exit (a breakpoint, a watchpoint)
 local stub, killed
 if args.gdb then
-  local why
-  stub, why = require("kvm.gdb").new(ctx.cpu, { listen = args.gdb, log = ctx.log })
+  local ok, why
+  ok, stub, why = pcall(require("kvm.gdb").new, ctx.cpu, { listen = args.gdb, log = ctx.log })
+  if not ok then usage("--gdb: " .. tostring(stub):gsub("^.-%(", "("):gsub("^%((.*)%)$", "%1")) end
   if not stub then
     io.stderr:write(me, ": --gdb ", args.gdb, ": ", why, "\n")
     os.exit(1)

@@ -131,9 +131,12 @@ function M.new(cpu, opts)
   local listener = opts.listen
   if type(listener) == "string" then
     local host, port = listener:match("^([^:]*):(%d+)$")
-    if not host then error("bad option 'listen' to 'new' (\"HOST:PORT\" expected)", 2) end
+    port = math.tointeger(tonumber(port))
+    if not host or port > 65535 or not (host == "" or host == "localhost" or host:match("^%d+%.%d+%.%d+%.%d+$")) then
+      error("bad option 'listen' to 'new' (\"HOST:PORT\" expected, HOST an IPv4 address)", 2)
+    end
     local err, errno
-    listener, err, errno = kvm.tcp_listen(host == "" and "127.0.0.1" or host, math.tointeger(tonumber(port)))
+    listener, err, errno = kvm.tcp_listen(host == "" and "127.0.0.1" or host, port)
     if not listener then return nil, err, errno end
   elseif listener == nil or not tostring(listener):match("^kvm%.socket") then
     error("bad option 'listen' to 'new' (\"HOST:PORT\" or a kvm.socket expected)", 2)
@@ -142,6 +145,9 @@ function M.new(cpu, opts)
   if swbp == nil then swbp = kvm.host_info().module == "kvm_pvm" and "hw" or "int3" end
   if swbp ~= "int3" and swbp ~= "hw" then
     error("bad option 'sw_breakpoints' to 'new' (\"int3\" or \"hw\" expected)", 2)
+  end
+  if opts.slice ~= nil and (type(opts.slice) ~= "number" or not (opts.slice > 0 and opts.slice <= 10)) then
+    error("bad option 'slice' to 'new' (seconds from 0 to 10 expected)", 2)
   end
   local self = setmetatable({
     cpu = cpu, vm = cpu.vm, dbg = kdebug.new(cpu), listener = listener, port = listener:port(),

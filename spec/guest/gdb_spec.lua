@@ -108,6 +108,32 @@ describe("kvm.gdb", function()
     end)
   end)
 
+  describe("gdb.new", function()
+    it("raises for bad options; a port in use is nil, message, errno", function()
+      support.need_kvm()
+      local vm, cpu = support.guest(LOOP64, { mode = "long" })
+      local bad = {
+        { { listen = "x" }, "bad option 'listen' to 'new' (\"HOST:PORT\" expected, HOST an IPv4 address)" },
+        { { listen = "127.0.0.1:99999" }, "bad option 'listen' to 'new' (\"HOST:PORT\" expected, HOST an IPv4 address)" },
+        { { listen = "example.org:1" }, "bad option 'listen' to 'new' (\"HOST:PORT\" expected, HOST an IPv4 address)" },
+        { { listen = 5 }, "bad option 'listen' to 'new' (\"HOST:PORT\" or a kvm.socket expected)" },
+        { {}, "bad option 'listen' to 'new' (\"HOST:PORT\" or a kvm.socket expected)" },
+        { { listen = "127.0.0.1:0", sw_breakpoints = "x" },
+          "bad option 'sw_breakpoints' to 'new' (\"int3\" or \"hw\" expected)" },
+        { { listen = "127.0.0.1:0", slice = 0 }, "bad option 'slice' to 'new' (seconds from 0 to 10 expected)" },
+      }
+      for _, case in ipairs(bad) do
+        assert.equal(case[2], support.err(gdb.new, cpu, case[1]))
+      end
+      assert.equal("bad argument #1 to 'new' (kvm.vcpu expected)", support.err(gdb.new, vm, { listen = "127.0.0.1:0" }))
+      local l = assert(kvm.tcp_listen("127.0.0.1", 0))
+      assert.same({ nil, "bind: Address already in use", 98 }, { gdb.new(cpu, { listen = "127.0.0.1:" .. l:port() }) })
+      local stub = assert(gdb.new(cpu, { listen = l }))     -- a listening socket of the caller's
+      assert.equal(l:port(), stub.port)
+      stub:close()
+    end)
+  end)
+
   describe("the protocol, from a scripted client", function()
     local vm, cpu, ram, stub, client
 
