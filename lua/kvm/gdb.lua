@@ -238,8 +238,9 @@ function Stub:next_event()
       if not cs:match("^%x%x$") or tonumber(cs, 16) ~= M.checksum(data) then return { "bad" } end
       data = data:gsub("}(.)", function(x) return string.char(x:byte() ~ 0x20) end)
       return { "packet", data }
-    else
-      buf = buf:sub(2)                        -- "+", "-", or noise
+    else                                      -- "+", "-", or noise: on to the next $ or ^C
+      local nxt = buf:find("[%$\3]", 2)
+      buf = nxt and buf:sub(nxt) or ""
     end
   end
   self.inbuf = buf
@@ -250,7 +251,8 @@ end
 function Stub:fill(timeout)
   local s, err = self.conn:recv(65536, timeout)
   if s then
-    if #self.inbuf + #s > 4 * M.PACKET_SIZE then   -- a flood without packets
+    if #self.inbuf + #s > 4 * M.PACKET_SIZE then   -- a flood without packets: dropped, E01 once
+      if not self.skipping then self.queue[#self.queue + 1] = { "oversize" } end
       self.inbuf = ""
       self.skipping = true
     end

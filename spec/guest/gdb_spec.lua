@@ -390,6 +390,13 @@ describe("kvm.gdb", function()
       assert.same({ "E01", "E01", "", "", "", "E01", "E01", "E01", "E01", "E01", "E01", "E01", "", "E01", "", "E01",
                     acks = r.acks }, r)
       assert.equal(2, stub.stats.bad_checksum)
+      -- a flood of noise and unterminated packets: dropped in bounded time and memory
+      reconnect()
+      local t0 = support.now()
+      local flood = ("+-noise"):rep(40000) .. "$" .. ("x"):rep(300000) .. "$"
+      r = converse{ { raw = flood }, { raw = "#00" }, "p10", "k" }
+      assert.same({ "E01", "0010000000000000", acks = "+++" }, r)
+      assert.is_true(support.now() - t0 < 5)
       -- the VM is fine: the guest runs to its hlt
       assert.equal(0x1000, cpu:regs().rip)
       assert.equal("hlt", cpu:run{ timeout = 5 }.reason)
