@@ -90,6 +90,7 @@ static int push_timeout(lua_State *L) {
 
 /*** Listen on a TCP address (SO_REUSEADDR, backlog 1).
 @function tcp_listen
+@static
 @tparam string host an IPv4 address: "127.0.0.1" (or "localhost"), "0.0.0.0"
 @tparam integer port 0 for any free one (see socket:port)
 @treturn kvm.socket
@@ -127,6 +128,7 @@ static int l_tcp_listen(lua_State *L) {
 
 /*** Connect to a TCP address.
 @function tcp_connect
+@static
 @tparam string host an IPv4 address
 @tparam integer port
 @tparam[opt] number timeout seconds (default: the system's)
