@@ -219,15 +219,26 @@ function Debugger:step(opts)
 end
 
 --- Run the vCPU (`cpu:run`) with the breakpoints: each hit calls its
--- function and continues while it returns true. A breakpoint at the current
--- instruction does not stop it again: it is executed first.
+-- function and continues while it returns true. Run again after a
+-- breakpoint stopped the run, the guest goes on from it: the instruction there
+-- is executed first (a breakpoint where the guest merely starts does stop it).
 -- @tparam[opt] table opts run()'s options
 -- @treturn kvm.exit the exit that ended the run ("debug" for a breakpoint or
 --   watchpoint that stopped it, `e.pc` its address)
 -- @treturn ?integer the id of that breakpoint
 function Debugger:run(opts)
   local cpu = self.cpu
-  local over = self:at(self:pc())
+  local over
+  if self.stopped_at then
+    local pc = self:pc()
+    if pc == self.stopped_at then over = self:at(pc) end
+    self.stopped_at = nil
+  end
+  -- a breakpoint stops the run: from here the next run steps over it
+  local function stop(e, bp)
+    if bp.type ~= "watch" then self.stopped_at = self:pc() end
+    return e, bp.id
+  end
   while true do
     if over then
       local e, err, errno = self:step(opts)
@@ -237,7 +248,7 @@ function Debugger:run(opts)
         if e.reason == "debug" and e.slot and self.slots[e.slot] then
           local bp = self.slots[e.slot]
           bp.hits = bp.hits + 1
-          if not (bp.fn and bp.fn(cpu, e) == true) then return e, bp.id end
+          if not (bp.fn and bp.fn(cpu, e) == true) then return stop(e, bp) end
         elseif e.reason ~= "debug" then
           return e
         end
@@ -250,7 +261,7 @@ function Debugger:run(opts)
     local bp = self:which(e)
     if not bp then return e end
     bp.hits = bp.hits + 1
-    if not (bp.fn and bp.fn(cpu, e) == true) then return e, bp.id end
+    if not (bp.fn and bp.fn(cpu, e) == true) then return stop(e, bp) end
     if bp.type ~= "watch" then
       over = self:at(self:pc())      -- fn may have moved RIP elsewhere
     end

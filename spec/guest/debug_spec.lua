@@ -328,6 +328,20 @@ describe("guest debug", function()
       assert.same({}, d:list())
     end)
 
+    it("a breakpoint where the guest starts stops the first run; the next goes past it", function()
+      support.need_kvm()
+      local vm, cpu = guest(LOOP)
+      local d = kvm.debug.new(cpu)
+      d:break_at(0x1000)
+      if not can("hw") then return runs_through(d) end
+      local e, id = d:run{ timeout = 5 }
+      assert.equal("debug", e.reason)
+      assert.equal(0x1000, e.pc)
+      assert.equal(1, id)
+      assert.equal("hlt", d:run{ timeout = 5 }.reason)
+      assert.equal(5, cpu:regs().rax & 0xffff)
+    end)
+
     it("d:step() steps; the exit says so", function()
       support.need_kvm()
       local vm, cpu = guest(LOOP)
