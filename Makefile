@@ -24,7 +24,7 @@ THREAD_SPECS = spec/guest/smp_spec.lua spec/guest/serial_spec.lua spec/guest/dev
 DEB_PKGS = lua5.4 liblua5.4-dev libelf-dev lua-busted luarocks binutils gcc make tmux \
            pkg-config lz4 cpio busybox-static gzip zip unzip qemu-system-x86 acpica-tools \
            lua-check cppcheck clang-tidy clang libclang-rt-14-dev \
-           valgrind strace lua-ldoc e2fsprogs
+           valgrind strace lua-ldoc e2fsprogs gdb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps:

@@ -33,7 +33,7 @@ build = {
                   "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
                   "csrc/virtio.c", "csrc/virtio_blk.c", "csrc/virtio_rng.c",
                   "csrc/virtio_console.c",
-                  "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c" },
+                  "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c", "csrc/debug.c", "csrc/socket.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },
       libdirs = { "$(LIBELF_LIBDIR)" },
@@ -49,6 +49,8 @@ build = {
     ["kvm.acpi"] = "lua/kvm/acpi.lua",
     ["kvm.cpuid"] = "lua/kvm/cpuid.lua",
     ["kvm.cli"] = "lua/kvm/cli.lua",
+    ["kvm.debug"] = "lua/kvm/debug.lua",
+    ["kvm.gdb"] = "lua/kvm/gdb.lua",
   },
   install = {
     bin = { ["kvm-boot"] = "examples/boot_linux.lua" },

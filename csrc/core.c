@@ -234,6 +234,7 @@ LUAKVM_EXPORT int luaopen_kvm_core(lua_State *L) {
   kvm_open_vcpu(L);
   kvm_open_exit(L);
   luaL_newlib(L, funcs);
+  kvm_open_socket(L);                  /* kvm.tcp_listen, kvm.tcp_connect */
   lua_pushcfunction(L, l_vm_new);
   lua_setfield(L, -2, "vm");
   for (int i = 0; i < 3; i++) {

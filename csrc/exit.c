@@ -152,9 +152,24 @@ static void decode(lua_State *L, Vcpu *c, uint32_t reason) {
     setint(L, "error_code", run->ex.error_code);
     set_rip(L, c);
     break;
+  case KVM_EXIT_DEBUG: {
+    /* guest debug (debug.c): #DB (1) for a single-step (DR6.BS) or a
+       hardware breakpoint (DR6.B0..B3: its slot, 1..4), #BP (3) for an int3 */
+    const struct kvm_debug_exit_arch *a = &run->debug.arch;
+    setint(L, "exception", a->exception);
+    setint(L, "pc", a->pc);
+    setint(L, "dr6", a->dr6);
+    setint(L, "dr7", a->dr7);
+    if (a->exception == 1) {
+      for (int i = 0; i < 4; i++)
+        if (a->dr6 & (1ull << i)) { setint(L, "slot", (uint64_t)i + 1); break; }
+      if (a->dr6 & (1ull << 14)) { lua_pushboolean(L, 1); lua_setfield(L, -2, "step"); }
+    }
+    set_rip(L, c);
+    break;
+  }
   case KVM_EXIT_HLT:
   case KVM_EXIT_SHUTDOWN:
-  case KVM_EXIT_DEBUG:
     set_rip(L, c);
     break;
   default:
@@ -266,6 +281,8 @@ static int l_exit_tostring(lua_State *L) {
   if (HAS("hardware_reason")) { OUT(" hardware_reason=0x%llx", U64()); } lua_settop(L, t);
   if (HAS("event")) { OUT(" %s", STR()); } lua_settop(L, t);
   if (HAS("exception")) { OUT(" exception=%llu", U64()); } lua_settop(L, t);
+  if (HAS("slot")) { OUT(" slot=%llu", U64()); } lua_settop(L, t);
+  if (lua_getfield(L, t, "step") == LUA_TBOOLEAN) { OUT(" step"); } lua_settop(L, t);
   if (HAS("rip")) { OUT(" at rip=0x%llx", U64()); } lua_settop(L, t);
   if (lua_getfield(L, t, "insn") == LUA_TSTRING) {
     size_t n;

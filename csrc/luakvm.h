@@ -85,6 +85,7 @@ struct Vcpu {
   uint64_t seq;                  /* bumped on every KVM_RUN; exits remember it */
   VcpuStats stats;
   uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */
+  struct kvm_guest_debug dbg;    /* the guest debug set last (debug.c); control 0 = off */
 };
 
 /* a vCPU's stop request, read and raised from any thread (a stronger
@@ -152,6 +153,15 @@ void kvm_vcpu_retire(Vcpu *c);
 void kvm_vm_stats(Vm *vm, VcpuStats *sum, uint32_t **ports);
 void kvm_push_by_reason(lua_State *L, const uint64_t by_reason[64]);
 const char *kvm_exit_name(uint32_t reason);           /* exit.c */
+
+/* debug.c: vcpu:set_guest_debug, vcpu:guest_debug, vcpu:step */
+int  l_vcpu_set_guest_debug(lua_State *L);
+int  l_vcpu_guest_debug(lua_State *L);
+int  l_vcpu_step(lua_State *L);
+
+/* socket.c: the kvm.socket class, and tcp_listen and tcp_connect into the
+   module table on the stack top */
+void kvm_open_socket(lua_State *L);
 
 /* sandbox.c */
 int  l_sandbox(lua_State *L);                         /* kvm.sandbox{allow=, action=} */

@@ -703,6 +703,9 @@ static const luaL_Reg vcpu_methods[] = {
   {"set_fpu", l_vcpu_set_fpu},
   {"run", l_vcpu_run},
   {"stop", l_vcpu_stop},
+  {"set_guest_debug", l_vcpu_set_guest_debug},
+  {"guest_debug", l_vcpu_guest_debug},
+  {"step", l_vcpu_step},
   {"stats", l_vcpu_stats},
   {NULL, NULL}
 };

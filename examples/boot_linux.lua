@@ -4,6 +4,7 @@
 -- Usage: lua5.4 examples/boot_linux.lua KERNEL [--initrd FILE] [--mem 256] [--cpus N]
 --          [--disk FILE[,ro]]... [--rng]
 --          [--cmdline "..."] [--append "..."] [--timeout SECONDS] [--status]
+--          [--gdb HOST:PORT [--gdb-wait]]
 --        lua5.4 examples/boot_linux.lua --help | --version
 -- (installed by the rock as `kvm-boot`; --help lists the options and their defaults)
 --
@@ -11,7 +12,9 @@
 -- kernel into guest-kernel/). The guest's console is this terminal: with an
 -- initramfs that starts a shell you type at the guest's shell. Ctrl-C stops
 -- the VM and restores the terminal. --status prints, on stderr, the elapsed
--- time and the last console line every few seconds.
+-- time and the last console line every few seconds. --gdb listens for gdb
+-- (kvm.gdb: `target remote HOST:PORT`), --gdb-wait first waits for it with the
+-- guest stopped before its first instruction.
 --
 -- Exit status: 0 the guest powered off (ACPI S5), 5 it halted for good (a
 -- poweroff without ACPI), 4 it reset (reboot), 124 timeout, 130 Ctrl-C,
@@ -41,7 +44,7 @@ local me = root and "boot_linux" or prog   -- the messages' prefix
 
 local OPTIONS = { initrd = "string", mem = "mib", cpus = "number", cmdline = "string",
                   append = "string", timeout = "number", status = "flag", version = "flag",
-                  disk = "disks", rng = "flag" }
+                  disk = "disks", rng = "flag", gdb = "string", ["gdb-wait"] = "flag" }
 
 local function help()
   local cmdline = ("  " .. linux.DEFAULT_CMDLINE):gsub("(" .. ("."):rep(60) .. "%S*) ", "%1\n  ")
@@ -65,6 +68,11 @@ options (default in brackets):
   --timeout SECONDS  stop the guest after SECONDS [none: run until it stops]
   --status           every 5 s, the elapsed time and the console's last line
                      on stderr [off]
+  --gdb HOST:PORT    a GDB remote stub on this TCP address (127.0.0.1:1234;
+                     gdb: target remote 127.0.0.1:1234); it debugs vCPU 0
+                     [none]
+  --gdb-wait         with --gdb: stop before the first instruction and wait
+                     for gdb to connect [off]
   -h, --help         this help, then exit
   --version          the version, then exit
 A host profile (kvm.hostprofile; named on stderr when one applies) adds its
@@ -81,6 +89,7 @@ exit status:
   4    it reset (reboot)
   124  --timeout ran out
   130  Ctrl-C
+  137  gdb killed the guest (kill)
   3    a fatal exit (RIP, the code bytes there and the console's last lines
        are printed on stderr)
   1    the set-up failed (kernel, initrd, memory, /dev/kvm)
@@ -106,6 +115,10 @@ if not args[1] then usage("no kernel given") end
 if args.mem and (args.mem < 16 << 20 or args.mem % (2 << 20) ~= 0) then
   usage("--mem: 16M or more, a multiple of 2M expected")
 end
+if args.gdb and not args.gdb:match("^[%d%.]*:%d+$") and not args.gdb:match("^localhost:%d+$") then
+  usage("--gdb: HOST:PORT expected (like 127.0.0.1:1234)")
+end
+if args["gdb-wait"] and not args.gdb then usage("--gdb-wait needs --gdb HOST:PORT") end
 if args.cpus and (math.type(args.cpus) ~= "integer" or args.cpus < 1 or args.cpus > linux.MAX_CPUS) then
   usage(("--cpus: a whole number from 1 to %d expected"):format(linux.MAX_CPUS))
 end
@@ -130,10 +143,53 @@ if ctx.profile then
 end
 ctx.log = function(msg) io.stderr:write("\r\n", me, ": ", msg, "\r\n") end
 
-local e = linux.run(ctx, { timeout = opts.timeout, every = args.status and 5 or nil,
-  on_tick = function(_, elapsed)
-    io.stderr:write(string.format("\r\27[2K[%s %4ds] %s\n", me, math.floor(elapsed), console.last:sub(1, 100)))
-  end })
+-- --gdb: the stub (kvm.gdb) on vCPU 0; between slices of the run it looks
+-- for a client connecting and for Ctrl-C from gdb, and it serves gdb at
+-- each "debug" exit (a breakpoint, a watchpoint)
+local stub, killed
+if args.gdb then
+  local ok, why
+  ok, stub, why = pcall(require("kvm.gdb").new, ctx.cpu, { listen = args.gdb, log = ctx.log })
+  if not ok then usage("--gdb: " .. tostring(stub):gsub("^.-%(", "("):gsub("^%((.*)%)$", "%1")) end
+  if not stub then
+    io.stderr:write(me, ": --gdb ", args.gdb, ": ", why, "\n")
+    os.exit(1)
+  end
+  io.stderr:write(me, ": gdb: target remote ", args.gdb:gsub(":%d+$", ""), ":", stub.port,
+                  args.gdb:match(":0$") and " (the port chosen)" or "", "\n")
+  if args["gdb-wait"] then
+    io.stderr:write(me, ": waiting for gdb, the guest stopped before its first instruction\n")
+    assert(stub:accept())
+    killed = stub:stopped(nil, 5, true) == "kill"
+  end
+end
+
+local every = args.status and 5 or nil
+local next_status = 5
+local e
+if killed then
+  e = { reason = "killed" }
+else
+  e = linux.run(ctx, { timeout = opts.timeout, every = stub and stub.slice or every,
+    on_tick = function(_, elapsed)
+      if stub then
+        local p = stub:poll()
+        local how = p == "connected" and stub:stopped(nil, 5, true) or p == "interrupt" and stub:stopped(nil, 2)
+        if how == "kill" then killed = true ctx.cpu:stop() end
+      end
+      if every and elapsed >= next_status then
+        next_status = next_status + every
+        io.stderr:write(string.format("\r\27[2K[%s %4ds] %s\n", me, math.floor(elapsed), console.last:sub(1, 100)))
+      end
+    end,
+    on_exit = stub and function(ex)
+      if ex.reason ~= "debug" then return false end
+      if stub:stopped(ex, 5) ~= "kill" then return true end
+      killed = true
+      return false
+    end or nil })
+  if killed then e = { reason = "killed" } end
+end
 
 local elapsed = os.time() - start
 io.stdout:flush()
@@ -159,9 +215,12 @@ local function report_fatal()
 end
 
 -- the exit status says how the run ended
-local status_of = { poweroff = 0, halted = 5, reset = 4, timeout = 124, intr = 130 }
+local status_of = { poweroff = 0, halted = 5, reset = 4, timeout = 124, intr = 130, killed = 137 }
 local code = status_of[e.reason]
-if e.reason == "poweroff" then
+if stub then stub:close() end
+if e.reason == "killed" then
+  say("gdb killed the guest after %ds", elapsed)
+elseif e.reason == "poweroff" then
   say("the guest powered off after %ds", elapsed)
 elseif e.reason == "halted" then
   -- poweroff or halt without ACPI: the kernel stops with interrupts off

@@ -15,7 +15,8 @@ local M = {}
 
 --- Lua modules reachable as fields, loaded lazily.
 local lazy = { x86 = "kvm.x86", bootparams = "kvm.bootparams", e820 = "kvm.e820",
-               linux = "kvm.linux", hostprofile = "kvm.hostprofile", emulate = "kvm.emulate" }
+               linux = "kvm.linux", hostprofile = "kvm.hostprofile", emulate = "kvm.emulate",
+               debug = "kvm.debug", gdb = "kvm.gdb" }
 
 setmetatable(M, {
   __index = function(t, k)

@@ -77,9 +77,12 @@ local VCPU = {
   set_fpu = { { { fcw = 0x37f } }, accepts = { [1] = "table" } },
   translate = { { 0x1000 }, accepts = { [1] = "negative maxinteger" } },
   run = { { { max_exits = 1 } }, accepts = { [1] = "nil table" } },
+  step = { { { max_exits = 1 } }, accepts = { [1] = "nil table" } },
+  -- nil and {} turn guest debugging off
+  set_guest_debug = { { { singlestep = true } }, accepts = { [1] = "nil table" } },
 }
 local VCPU_NOARGS = { close = true, regs = true, sregs = true, events = true, stop = true, stats = true,
-                      fpu = true }
+                      fpu = true, guest_debug = true }
 
 local EXIT = {
   -- the exit is a 1-byte "in": "x" is one raw byte

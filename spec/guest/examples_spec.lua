@@ -74,7 +74,8 @@ describe("examples #guest", function()
     assert.equal(0, code, out)
     assert.matches("usage: lua5.4 examples/boot_linux.lua KERNEL", out, 1, true)
     for _, o in ipairs{ "--initrd FILE", "--mem SIZE", "--cmdline", "--append", "--timeout SECONDS",
-                        "--status", "-h, --help", "--version", "124  --timeout ran out" } do
+                        "--status", "--gdb HOST:PORT", "--gdb-wait", "-h, --help", "--version",
+                        "124  --timeout ran out", "137  gdb killed the guest" } do
       assert.matches("\n  " .. o, out, 1, true)
     end
     code, out = run("lua5.4 examples/boot_linux.lua --version 2>/dev/null")
@@ -86,6 +87,8 @@ describe("examples #guest", function()
       { "examples/boot_linux.lua --mem 3 vmlinux", "boot_linux: --mem: 16M or more, a multiple of 2M expected" },
       { "examples/boot_linux.lua --bogus vmlinux",
         "boot_linux: unknown option --bogus (try: lua5.4 examples/boot_linux.lua --help)" },
+      { "examples/boot_linux.lua --gdb 1234 vmlinux", "boot_linux: --gdb: HOST:PORT expected (like 127.0.0.1:1234)" },
+      { "examples/boot_linux.lua --gdb-wait vmlinux", "boot_linux: --gdb-wait needs --gdb HOST:PORT" },
       { "examples/trace_io.lua --bogus", "trace_io: unknown option --bogus" },
       { "examples/memory_layout.lua --timeout",
         "memory_layout: --timeout needs a value\nusage: lua5.4 examples/memory_layout.lua" },
