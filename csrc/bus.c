@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 #include "luakvm.h"
 
@@ -187,6 +188,17 @@ void kvm_device_room(lua_State *L, Vm *vm) {
   if (vm->threads)
     luaL_error(L, "cannot add a device while vm:run() runs the vCPUs on threads (they read the bus)");
   if (vm->ndevs >= KVM_MAX_DEVICES) luaL_error(L, "too many devices (at most %d)", KVM_MAX_DEVICES);
+}
+
+void kvm_device_lock_lua(lua_State *L, Device *d) {
+  if (!d->vm->threads) { pthread_mutex_lock(&d->lock); return; }
+  for (int i = 0; i < 1000; i++) {
+    if (pthread_mutex_trylock(&d->lock) == 0) return;
+    struct timespec ts = {0, 100000};
+    nanosleep(&ts, NULL);
+  }
+  luaL_error(L, "the %s device is busy on a vCPU thread (which may be waiting for this thread): "
+             "try again after vm:run returns", d->ops->kind);
 }
 
 void *kvm_device_new(lua_State *L, int vm_idx, size_t size, const DeviceOps *ops) {

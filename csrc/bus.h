@@ -114,6 +114,10 @@ void *kvm_device_new(lua_State *L, int vm_idx, size_t size, const DeviceOps *ops
 /* raise "too many devices" when the VM has no room for one more (a
    constructor calls it before it changes anything) */
 void kvm_device_room(lua_State *L, Vm *vm);
+/* lock a device for a Lua method (the Lua thread): while vm:run's threads
+   run, a vCPU thread may hold it while it waits for this very thread (its
+   output going to a Lua function), so try for 100 ms, then raise */
+void kvm_device_lock_lua(lua_State *L, Device *d);
 /* release its ranges, close it and let it go */
 void kvm_device_remove(lua_State *L, int vm_idx, Device *d);
 /* the first device with these ops, or NULL */

@@ -26,14 +26,6 @@ are methods of kvm.vcpu.
 static const char *const kinds[] = {"exec", "write", "access", NULL};
 static const unsigned kind_rw[] = {0u, 1u, 3u};     /* DR7 R/W field per kind */
 
-/* an open vCPU whose state may be changed now (as vcpu.c's) */
-static Vcpu *still(lua_State *L, int arg) {
-  Vcpu *c = kvm_checkvcpu(L, arg);
-  if (c->on_thread && !c->serving)
-    luaL_error(L, "vCPU %d is running on its thread (vm:run): its state can be read or changed "
-               "from a handler serving it, or after vm:run returns", c->id);
-  return c;
-}
 
 /* DR7's LEN field for a length */
 static unsigned len_bits(lua_Integer len) {
@@ -159,7 +151,7 @@ run() with reason "debug" (see kvm.exit: `pc`, `dr6`, `dr7`, `exception`, and
 @return[2] fail, "KVM_SET_GUEST_DEBUG: ...", errno
 */
 int l_vcpu_set_guest_debug(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   if (c->running) return luaL_error(L, "set_guest_debug() on a running vCPU");
   struct kvm_guest_debug d;
   lua_settop(L, 2);
@@ -214,7 +206,7 @@ single-step the run ends as run() would, and the options' `timeout` bounds it.
 @return[2] fail, message, errno
 */
 int l_vcpu_step(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   if (c->running || c->vm->in_handler)
     return luaL_error(L, "step() called from inside a handler (re-entry is not allowed)");
   lua_settop(L, 2);

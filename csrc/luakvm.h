@@ -104,6 +104,10 @@ int kvm_fail(lua_State *L, const char *what);          /* nil, msg, errno */
 uint64_t kvm_checkrange(lua_State *L, int arg, uint64_t lo, uint64_t hi, const char *what);
 Vm *kvm_checkvm(lua_State *L, int arg);                 /* open VM or raise */
 Vcpu *kvm_checkvcpu(lua_State *L, int arg);
+/* ... whose state may be read or changed now: not one that vm:run holds in
+   KVM_RUN on another thread (the ioctl would wait for it, forever if it is
+   halted), unless the Lua thread serves its request right now */
+Vcpu *kvm_checkvcpu_still(lua_State *L, int arg);
 /* host pointer for [gpa, gpa+len) when one region holds it all, else NULL */
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
 

@@ -81,6 +81,14 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg) {
   return c;
 }
 
+Vcpu *kvm_checkvcpu_still(lua_State *L, int arg) {
+  Vcpu *c = kvm_checkvcpu(L, arg);
+  if (c->on_thread && !c->serving)
+    luaL_error(L, "vCPU %d is running on its thread (vm:run): its state can be read or changed "
+               "from a handler serving it, or after vm:run returns", c->id);
+  return c;
+}
+
 void kvm_opt_table(lua_State *L, int idx) {
   lua_settop(L, idx);
   if (lua_isnil(L, idx)) { lua_newtable(L); lua_replace(L, idx); }

@@ -22,16 +22,6 @@ static Vcpu *tovcpu(lua_State *L, int arg) {
   return (Vcpu *)luaL_checkudata(L, arg, VCPU_MT);
 }
 
-/* an open vCPU whose state may be read or changed now: not one that vm:run
-   holds in KVM_RUN on another thread (the ioctl would wait for it, forever
-   if it is halted) */
-static Vcpu *still(lua_State *L, int arg) {
-  Vcpu *c = kvm_checkvcpu(L, arg);
-  if (c->on_thread && !c->serving)
-    luaL_error(L, "vCPU %d is running on its thread (vm:run): its state can be read or changed "
-               "from a handler serving it, or after vm:run returns", c->id);
-  return c;
-}
 
 
 /* a free slot in vm->vcpus, or raise */
@@ -266,7 +256,7 @@ static const Field regs_fields[] = {
 @function vcpu:regs
 */
 static int l_vcpu_regs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   struct kvm_regs r;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0) return kvm_fail(L, "KVM_GET_REGS");
   lua_createtable(L, 0, 18);
@@ -278,7 +268,7 @@ static int l_vcpu_regs(lua_State *L) {
 @function vcpu:set_regs
 */
 static int l_vcpu_set_regs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_regs r;
   if (ioctl(c->fd, KVM_GET_REGS, &r) < 0) return kvm_fail(L, "KVM_GET_REGS");
@@ -320,7 +310,7 @@ cr0, cr2, cr3, cr4, cr8, efer, apic_base (KVM_GET_SREGS).
 @function vcpu:sregs
 */
 static int l_vcpu_sregs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   struct kvm_sregs s;
   if (ioctl(c->fd, KVM_GET_SREGS, &s) < 0) return kvm_fail(L, "KVM_GET_SREGS");
   lua_createtable(L, 0, 17);
@@ -353,7 +343,7 @@ static int set_sreg(lua_State *L, const char *k, void *ud) {
 }
 
 static int l_vcpu_set_sregs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_sregs s;
   if (ioctl(c->fd, KVM_GET_SREGS, &s) < 0) return kvm_fail(L, "KVM_GET_SREGS");
@@ -368,7 +358,7 @@ form supported_cpuid() returns.
 @function vcpu:set_cpuid
 */
 static int l_vcpu_set_cpuid(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = luaL_len(L, 2);
   luaL_argcheck(L, n >= 0 && n <= 1024, 2, "too many entries (at most 1024)");
@@ -405,7 +395,7 @@ static int l_vcpu_set_cpuid(lua_State *L) {
 @return[2] fail, message, errno (an MSR KVM does not know)
 */
 static int l_vcpu_msrs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = luaL_len(L, 2);
   luaL_argcheck(L, n >= 0 && n <= 256, 2, "at most 256 MSRs");
@@ -443,7 +433,7 @@ static int l_vcpu_msrs(lua_State *L) {
 @function vcpu:set_msrs
 */
 static int l_vcpu_set_msrs(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   int n = 0;
   lua_pushnil(L);
@@ -514,7 +504,7 @@ pending, masked}, sipi_vector} (KVM_GET_VCPU_EVENTS).
 @function vcpu:events
 */
 static int l_vcpu_events(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_GET_VCPU_EVENTS");
   lua_createtable(L, 0, 4);
@@ -567,7 +557,7 @@ static int set_event(lua_State *L, const char *k, void *ud) {
 }
 
 static int l_vcpu_set_events(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_vcpu_events e;
   if (ioctl(c->fd, KVM_GET_VCPU_EVENTS, &e) < 0) return kvm_fail(L, "KVM_GET_VCPU_EVENTS");
@@ -589,7 +579,7 @@ fpr = {8 strings of 16 bytes}, xmm = {16 strings of 16 bytes}} (KVM_GET_FPU).
 @function vcpu:fpu
 */
 static int l_vcpu_fpu(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   struct kvm_fpu f;
   if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
   lua_createtable(L, 0, 9);
@@ -636,7 +626,7 @@ static int set_fpu_key(lua_State *L, const char *k, void *ud) {
 @function vcpu:set_fpu
 */
 static int l_vcpu_set_fpu(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   struct kvm_fpu f;
   if (ioctl(c->fd, KVM_GET_FPU, &f) < 0) return kvm_fail(L, "KVM_GET_FPU");
@@ -651,7 +641,7 @@ static int l_vcpu_set_fpu(lua_State *L) {
 @function vcpu:translate
 */
 static int l_vcpu_translate(lua_State *L) {
-  Vcpu *c = still(L, 1);
+  Vcpu *c = kvm_checkvcpu_still(L, 1);
   struct kvm_translation t;
   memset(&t, 0, sizeof t);
   t.linear_address = (uint64_t)luaL_checkinteger(L, 2);

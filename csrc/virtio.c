@@ -401,7 +401,7 @@ static int l_virtio_read(lua_State *L) {
   unsigned size;
   uint64_t off = check_access(L, &size);
   uint8_t data[8] = {0};
-  pthread_mutex_lock(&v->dev.lock);
+  kvm_device_lock_lua(L, &v->dev);
   virtio_mmio(v, off, 0, size, data);
   pthread_mutex_unlock(&v->dev.lock);
   uint64_t val = 0;
@@ -426,7 +426,7 @@ static int l_virtio_write(lua_State *L) {
   uint64_t val = (uint64_t)luaL_checkinteger(L, 4);
   uint8_t data[8];
   for (unsigned i = 0; i < 8; i++) data[i] = (uint8_t)(val >> (8 * i));
-  pthread_mutex_lock(&v->dev.lock);
+  kvm_device_lock_lua(L, &v->dev);
   virtio_mmio(v, off, 1, size, data);
   pthread_mutex_unlock(&v->dev.lock);
   lua_settop(L, 1);
@@ -443,7 +443,7 @@ static int l_virtio_write(lua_State *L) {
 */
 static int l_virtio_info(lua_State *L) {
   Virtio *v = checkvirtio(L);
-  pthread_mutex_lock(&v->dev.lock);
+  kvm_device_lock_lua(L, &v->dev);
   Virtio s = *v;                      /* a snapshot: nothing below may raise under the lock */
   pthread_mutex_unlock(&v->dev.lock);
   lua_createtable(L, 0, 12);

@@ -260,6 +260,22 @@ describe("#guest vm:run with several vCPUs", function()
     vm:on_io(0x50, function() end)             -- after the run it can
   end)
 
+  it("a device's Lua method (a virtio device's info, read) works from a handler while the threads run", function()
+    local vm = smp_vm(2, { wait = 99 })
+    local rng = assert(vm:virtio_rng{})
+    local info, magic
+    vm:on_io(0x10, function(_, _, _, v)
+      if v == 1 then
+        info = rng:info()
+        magic = rng:read(0, 4)
+        return kvm.STOP
+      end
+    end)
+    assert.equal("stopped", assert(vm:run{ timeout = 30 }).reason)
+    assert.equal("virtio-rng", info.kind)
+    assert.equal(0x74726976, magic)                -- "virt"
+  end)
+
   it("bad arguments", function()
     local vm, cpus = smp_vm(2)
     local other = assert(kvm.vm())
