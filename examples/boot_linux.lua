@@ -69,8 +69,8 @@ options (default in brackets):
   --status           every 5 s, the elapsed time and the console's last line
                      on stderr [off]
   --gdb HOST:PORT    a GDB remote stub on this TCP address (127.0.0.1:1234;
-                     gdb: target remote 127.0.0.1:1234); it debugs vCPU 0
-                     [none]
+                     gdb: target remote 127.0.0.1:1234); each vCPU is a
+                     thread of gdb's [none]
   --gdb-wait         with --gdb: stop before the first instruction and wait
                      for gdb to connect [off]
   -h, --help         this help, then exit
@@ -143,13 +143,13 @@ if ctx.profile then
 end
 ctx.log = function(msg) io.stderr:write("\r\n", me, ": ", msg, "\r\n") end
 
--- --gdb: the stub (kvm.gdb) on vCPU 0; between slices of the run it looks
+-- --gdb: the stub (kvm.gdb) on every vCPU (gdb's threads); between slices of the run it looks
 -- for a client connecting and for Ctrl-C from gdb, and it serves gdb at
 -- each "debug" exit (a breakpoint, a watchpoint)
 local stub, killed
 if args.gdb then
   local ok, why
-  ok, stub, why = pcall(require("kvm.gdb").new, ctx.cpu, { listen = args.gdb, log = ctx.log })
+  ok, stub, why = pcall(require("kvm.gdb").new, ctx.cpus or ctx.cpu, { listen = args.gdb, log = ctx.log })
   if not ok then usage("--gdb: " .. tostring(stub):gsub("^.-%(", "("):gsub("^%((.*)%)$", "%1")) end
   if not stub then
     io.stderr:write(me, ": --gdb ", args.gdb, ": ", why, "\n")

@@ -69,14 +69,15 @@ local function free_slot(self)
   end
 end
 
--- a breakpoint into the list (and a debug register, or the int3 into memory)
+-- a breakpoint into the list (and a debug register, or the int3 into memory;
+-- `shared`: an int3 another vCPU's Debugger put there, with its gpa and orig)
 function Debugger:add(bp)
   if bp.type ~= "sw" then
     local slot = free_slot(self)
     if not slot then return nil, "no free debug register (4 hardware breakpoints and watchpoints at most)" end
     bp.slot = slot
     self.slots[slot] = bp
-  else
+  elseif not bp.shared then
     local gpa = self.cpu:translate(bp.addr)
     if not gpa then return nil, ("address 0x%x is not mapped"):format(bp.addr) end
     local ok, byte = pcall(self.cpu.vm.read, self.cpu.vm, gpa, 1)
@@ -148,7 +149,7 @@ function Debugger:remove(id)
   if not bp then return false end
   self.bps[id] = nil
   if bp.slot then self.slots[bp.slot] = nil end
-  if bp.type == "sw" and bp.orig then self.cpu.vm:write(bp.gpa, bp.orig) end
+  if bp.type == "sw" and bp.orig and not bp.shared then self.cpu.vm:write(bp.gpa, bp.orig) end
   assert(self:apply())
   return true
 end

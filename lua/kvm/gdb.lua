@@ -1,12 +1,13 @@
---- A GDB remote stub: debug a guest's vCPU with gdb over TCP.
+--- A GDB remote stub: debug a guest's vCPUs with gdb over TCP.
 --
 --     local stub = assert(kvm.gdb.new(cpu, { listen = "127.0.0.1:1234" }))
+--     -- or kvm.gdb.new({ cpu0, cpu1 }, ...): every vCPU a thread of gdb's
 --     stub:accept()            -- wait for gdb: target remote 127.0.0.1:1234
 --     local e = stub:run()     -- the guest under gdb's control
 --
 -- The GDB remote serial protocol (sourceware.org/gdb/onlinedocs/gdb/Remote-Protocol.html)
--- on a `kvm.socket` of the core, in all-stop mode, one thread (the vCPU; with
--- several vCPUs the stub debugs the one it was given). Packets: qSupported
+-- on a `kvm.socket` of the core, in all-stop mode, each vCPU a thread (thread
+-- id = vCPU id + 1). Packets: qSupported
 -- (PacketSize, qXfer:features:read, swbreak, hwbreak, vContSupported),
 -- qXfer:features:read:target.xml (x86-64: the core, SSE and segment-base
 -- registers), ?, g/G, p/P, m/M (guest-virtual addresses through the guest's
@@ -14,7 +15,8 @@
 -- Z0/z0 (software breakpoints: int3, or a debug register where the KVM does
 -- not intercept int3: kvm_pvm), Z1/z1 (hardware), Z2/z2 (write watchpoints),
 -- Z4/z4 (access watchpoints), Ctrl-C while the guest runs, D (detach), k
--- (kill), qAttached, qC, qfThreadInfo/qsThreadInfo, H, T, vMustReplyEmpty;
+-- (kill), qAttached, qC, qfThreadInfo/qsThreadInfo, qThreadExtraInfo, Hg
+-- (the vCPU g/G/p/P/m/M act on), Hc (the vCPU s steps), T, vMustReplyEmpty;
 -- anything else gets the empty reply ("not supported"). A bad checksum gets
 -- "-" (gdb sends it again), a packet longer than PacketSize or one that does
 -- not parse gets an "E" reply; a client that goes away detaches.
@@ -23,6 +25,14 @@
 -- looks at the socket between them (Ctrl-C, a new client). A script with a
 -- run loop of its own calls `stub:poll()` between its runs and
 -- `stub:stopped(e)` on a "debug" exit (boot_linux.lua --gdb does).
+--
+-- With several vCPUs, `c` runs them all (`vm:run{cpus = ...}`), each on a
+-- thread; the first to stop (a breakpoint, a watchpoint) stops the others,
+-- and the stop reply names it (`T05thread:N;`), which becomes the current
+-- thread (Hg and Hc). A step (`s`, `vCont;s:N`, also `vCont;s:N;c`) steps
+-- that one vCPU only, the others stay stopped. Breakpoints and watchpoints
+-- are set in every vCPU's debug registers (an int3 once in memory, every
+-- vCPU intercepting it).
 -- @module kvm.gdb
 local kvm = require "kvm"
 local kdebug = require "kvm.debug"
@@ -117,8 +127,9 @@ end)()
 local Stub = {}
 Stub.__index = Stub
 
---- A stub for one vCPU.
--- @tparam kvm.vcpu cpu
+--- A stub for one vCPU or several (gdb's threads).
+-- @tparam kvm.vcpu|{kvm.vcpu,...} cpu a vCPU, or a list of the vCPUs of
+--   one VM (the first is gdb's current thread at the start)
 -- @tparam table opts `listen` = "HOST:PORT" (an IPv4 address; port 0 picks
 --   a free one: `stub.port`) or a listening `kvm.socket`; `sw_breakpoints` =
 --   "int3" or "hw" (gdb's Z0 in a debug register; default "hw" on kvm_pvm,
@@ -128,6 +139,18 @@ Stub.__index = Stub
 -- @return[2] fail, message, errno (the address cannot be listened on)
 function M.new(cpu, opts)
   opts = opts or {}
+  local cpus = type(cpu) == "table" and cpu or { cpu }
+  if #cpus == 0 then error("bad argument #1 to 'new' (kvm.vcpu or a list of them expected)", 2) end
+  local dbgs, by_id = {}, {}
+  for i, c in ipairs(cpus) do
+    if type(c) ~= "userdata" or not tostring(c):match("^kvm%.vcpu %d") then
+      error("bad argument #1 to 'new' (kvm.vcpu expected)", 2)
+    end
+    if by_id[c.id] then error("bad argument #1 to 'new' (vCPU " .. c.id .. " listed twice)", 2) end
+    if c.vm ~= cpus[1].vm then error("bad argument #1 to 'new' (vCPUs of different VMs)", 2) end
+    by_id[c.id] = i
+    dbgs[i] = kdebug.new(c)
+  end
   local listener = opts.listen
   if type(listener) == "string" then
     local host, port = listener:match("^([^:]*):(%d+)$")
@@ -150,7 +173,8 @@ function M.new(cpu, opts)
     error("bad option 'slice' to 'new' (seconds from 0 to 10 expected)", 2)
   end
   local self = setmetatable({
-    cpu = cpu, vm = cpu.vm, dbg = kdebug.new(cpu), listener = listener, port = listener:port(),
+    cpus = cpus, dbgs = dbgs, by_id = by_id, cur = 1, step_cpu = nil,
+    cpu = cpus[1], vm = cpus[1].vm, dbg = dbgs[1], listener = listener, port = listener:port(),
     swbp = swbp, slice = opts.slice or 0.05, log = opts.log or function() end,
     inbuf = "", queue = {}, points = {}, features = {}, signal = SIGTRAP, last = nil,
     stats = { packets = 0, bad_checksum = 0, errors = 0, unsupported = 0 },
@@ -179,7 +203,7 @@ function Stub:drop()
     self.log("gdb disconnected")
   end
   for key in pairs(self.points) do
-    self.dbg:remove(self.points[key])
+    self:remove_point(self.points[key])
     self.points[key] = nil
   end
   self.inbuf, self.queue, self.skipping = "", {}, false
@@ -344,27 +368,71 @@ end
 
 local ZTYPES = { ["0"] = "sw", ["1"] = "hw", ["2"] = "write", ["4"] = "access" }
 
+-- a point is the ids of its breakpoint in each vCPU's Debugger (dbgs order);
+-- the others first, so that the first one's int3 goes last
+function Stub:remove_point(ids)
+  for i = #self.dbgs, 1, -1 do
+    if ids[i] then self.dbgs[i]:remove(ids[i]) end
+  end
+end
+
 function Stub:breakpoint(insert, ztype, addr, kind)
   local t = ZTYPES[ztype]
   if not t then return "" end                   -- Z3 (read watchpoints): not on x86
   local key = ztype .. ":" .. addr .. ":" .. kind
   if not insert then
-    local id = self.points[key]
-    if id then self.dbg:remove(id) self.points[key] = nil end
+    local ids = self.points[key]
+    if ids then self:remove_point(ids) self.points[key] = nil end
     return "OK"
   end
   if self.points[key] then return "OK" end
-  local id
+  local ids = {}
   if t == "sw" or t == "hw" then
-    if self.dbg:at(addr) then return "E22" end   -- one at that address already (Z0 and Z1)
-    id = self.dbg:break_at(addr, nil, { type = (t == "sw" and self.swbp == "int3") and "sw" or "hw" })
+    if self.dbgs[1]:at(addr) then return "E22" end   -- one at that address already (Z0 and Z1)
+    local bptype = (t == "sw" and self.swbp == "int3") and "sw" or "hw"
+    ids[1] = self.dbgs[1]:break_at(addr, nil, { type = bptype })
+    local first = ids[1] and self.dbgs[1].bps[ids[1]]
+    for i = 2, #self.dbgs do
+      if not ids[i - 1] then break end
+      if bptype == "sw" then                    -- the same int3: every vCPU intercepts it
+        ids[i] = self.dbgs[i]:add{ type = "sw", addr = addr, kind = "exec", len = 1, shared = true,
+                                   gpa = first.gpa, orig = first.orig }
+      else
+        ids[i] = self.dbgs[i]:break_at(addr, nil, { type = "hw" })
+      end
+    end
   else
     if kind ~= 1 and kind ~= 2 and kind ~= 4 and kind ~= 8 or addr & (kind - 1) ~= 0 then return "E22" end
-    id = self.dbg:watch(addr, kind, nil, { kind = t })
+    for i, d in ipairs(self.dbgs) do
+      ids[i] = d:watch(addr, kind, nil, { kind = t })
+      if not ids[i] then break end
+    end
   end
-  if not id then return "E28" end                 -- no debug register free, not mapped
-  self.points[key] = id
+  if not ids[#self.dbgs] then                      -- no debug register free, not mapped
+    self:remove_point(ids)
+    return "E28"
+  end
+  self.points[key] = ids
   return "OK"
+end
+
+-- ---- threads (a vCPU each: thread id = vCPU id + 1) ----
+
+-- the index (in cpus) of thread id `s` (hex); "0" (any) and "-1" (all) are
+-- the current one; nil: no such thread, or not a thread id
+function Stub:thread(s)
+  if s == "0" or s == "-1" then return self.cur end
+  local tid = hexnum(s)
+  return tid and self.by_id[tid - 1]
+end
+
+-- vCPU i becomes the current one (g, p, m... act on it)
+function Stub:select(i)
+  self.cur, self.cpu, self.dbg = i, self.cpus[i], self.dbgs[i]
+end
+
+function Stub:tid(i)
+  return self.cpus[i or self.cur].id + 1
 end
 
 -- ---- stop replies ----
@@ -384,7 +452,7 @@ function Stub:stop_reply(e)
       end
     end
   end
-  return fmt("T%02xthread:1;%s", self.signal, extra)
+  return fmt("T%02xthread:%x;%s", self.signal, self:tid(), extra)
 end
 
 -- ---- packets ----
@@ -392,7 +460,13 @@ end
 -- resume the guest from a stop: step over a breakpoint at the current
 -- instruction first (the guest executes it, as gdb expects)
 function Stub:step_over()
-  if self.dbg:at(self.dbg:pc()) then return self.dbg:step() end
+  if #self.dbgs == 1 then
+    if self.dbg:at(self.dbg:pc()) then return self.dbg:step() end
+    return
+  end
+  for _, d in ipairs(self.dbgs) do      -- every vCPU sitting on one
+    if d:at(d:pc()) then d:step{ timeout = 1 } end
+  end
 end
 
 -- one packet while stopped: the reply (nil: none), and "continue", "detach"
@@ -448,15 +522,22 @@ function Stub:packet(p)
   elseif c == "s" or c == "S" then
     local addr = p:match("^s(.+)$") or p:match("^S%x+;(.*)$")
     if addr and not hexnum(addr) then return "E01" end
-    if addr then self.cpu:set_regs{ rip = hexnum(addr) } end
+    local sc = self.cpus[self.step_cpu or self.cur]
+    if addr then sc:set_regs{ rip = hexnum(addr) } end
     return nil, "step"
   elseif c == "Z" or c == "z" then
     local t, a, k = p:match("^[Zz](%d),(%x+),(%x+)")
     a, k = hexnum(a), hexnum(k)
     if not t or not a or not k then return "E01" end
     return self:breakpoint(c == "Z", t, a, k)
-  elseif c == "H" or c == "T" then
+  elseif c == "H" then
+    local op, t = p:match("^H(.)(.*)$")
+    local i = op and self:thread(t)
+    if not i then return "E01" end
+    if op == "g" then self:select(i) elseif op == "c" then self.step_cpu = i end
     return "OK"
+  elseif c == "T" then
+    return self:thread(p:sub(2)) and "OK" or "E01"
   elseif c == "D" then
     return "OK", "detach"
   elseif c == "k" then
@@ -464,9 +545,22 @@ function Stub:packet(p)
   elseif p == "vCont?" then
     return "vCont;c;C;s;S"
   elseif p:match("^vCont;") then
-    local action = p:match("^vCont;([cCsS])")
-    if not action then return "E01" end
-    return nil, (action == "s" or action == "S") and "step" or "continue"
+    -- actions: c, C sig, s, S sig, each for a thread (:TID) or all; a step
+    -- of one thread steps it alone (all-stop: the others stay stopped)
+    local step
+    for a in (p:sub(7) .. ";"):gmatch("([^;]*);") do
+      local action, t = a:match("^([cs])(.*)$")
+      if not action then action, t = a:match("^([CS])%x%x(.*)$") end
+      if not action then return "E01" end
+      local i = self.cur
+      if t ~= "" then
+        i = t:match("^:") and self:thread(t:sub(2))
+        if not i then return "E01" end
+      end
+      if (action == "s" or action == "S") and not step then step = i end
+    end
+    if step then self.step_cpu = step return nil, "step" end
+    return nil, "continue"
   elseif p == "vMustReplyEmpty" then
     return ""
   elseif p:match("^qSupported") then
@@ -488,11 +582,17 @@ function Stub:packet(p)
   elseif p == "qAttached" then
     return "1"
   elseif p == "qC" then
-    return "QC1"
+    return fmt("QC%x", self:tid())
   elseif p == "qfThreadInfo" then
-    return "m1"
+    local ids = {}
+    for i in ipairs(self.cpus) do ids[i] = fmt("%x", self:tid(i)) end
+    return "m" .. table.concat(ids, ",")
   elseif p == "qsThreadInfo" then
     return "l"
+  elseif p:match("^qThreadExtraInfo,") then
+    local i = self:thread(p:sub(18))
+    if not i then return "E01" end
+    return tohex("vCPU " .. self.cpus[i].id)
   elseif p == "qSymbol::" then
     return "OK"
   end
@@ -512,6 +612,10 @@ end
 --   without breakpoints) or "kill"
 function Stub:stopped(e, signal, quiet)
   self.last, self.signal = e, signal or SIGTRAP
+  -- the vCPU that stopped becomes gdb's current thread
+  local si = e and math.type(e.cpu) == "integer" and self.by_id[e.cpu]
+  if si then self:select(si) end
+  self.step_cpu = nil
   if not self.conn then return "detach" end
   if not quiet then self:reply(self:stop_reply(e)) end
   while self.conn do
@@ -535,8 +639,10 @@ function Stub:stopped(e, signal, quiet)
       end
       if r then self:reply(r) end
       if action == "step" then
+        local i = self.step_cpu or self.cur
+        self:select(i)
         local se = self.dbg:step{ timeout = 5 }
-        self.last, self.signal = se, SIGTRAP
+        self.last, self.signal, self.step_cpu = se, SIGTRAP, nil
         self:reply(self:stop_reply(se))
       elseif action == "continue" then
         self:step_over()
@@ -574,6 +680,19 @@ function Stub:poll()
   return "interrupt"
 end
 
+-- one slice of the run: the one vCPU (its Debugger's run), or every vCPU
+-- (vm:run: each on a thread, the first to stop ends it)
+function Stub:run_slice(run_opts)
+  if #self.cpus == 1 then return self.dbg:run(run_opts) end
+  run_opts.cpus = self.cpus
+  local e, err, errno = self.vm:run(run_opts)
+  if e and e.reason == "debug" then
+    local i = self.by_id[e.cpu]
+    if i then self.dbgs[i]:which(e) end   -- an int3: RIP back onto it
+  end
+  return e, err, errno
+end
+
 --- Run the guest under gdb until it ends (an exit nothing handles: gdb is
 -- told the guest exited) or gdb kills it. Call `accept` first to start
 -- stopped (gdb's first look at the guest before any instruction runs).
@@ -602,7 +721,7 @@ function Stub:run(opts)
       if left < slice then slice = left end
     end
     run_opts.timeout = slice
-    local e, err, errno = self.dbg:run(run_opts)
+    local e, err, errno = self:run_slice(run_opts)
     if not e then return nil, err, errno end
     if e.reason == "timeout" then
       if deadline and kvm.now() >= deadline then return e end

@@ -402,6 +402,92 @@ describe("kvm.gdb", function()
       assert.equal("hlt", cpu:run{ timeout = 5 }.reason)
     end)
   end)
+  describe("several vCPUs as threads (spec/guest/smp.S on 2 vCPUs)", function()
+    local stub, client
+
+    -- the BSP at 0x1000 (protected mode) wakes the AP, which starts in
+    -- real mode at 0x2000 (linear); ports 0x10 and 0x11 served here
+    local function smp_vm()
+      local x86 = require "kvm.x86"
+      local cpuid = require "kvm.cpuid"
+      local vm = assert(kvm.vm())
+      local ram = vm:memory{ guest = 0, size = support.RAM }
+      assert(vm:irqchip())
+      local cpus = {}
+      for i = 0, 1 do
+        local c = assert(vm:vcpu(i))
+        assert(c:set_cpuid(assert(cpuid.guest{ apic_id = i })))
+        cpus[i + 1] = c
+      end
+      x86.protected_mode(cpus[1], vm)
+      ram:write(0x1000, support.guest_bin("smp"))
+      ram:write(0x3004, string.pack("<I4I4", 1, 0))
+      cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+      vm:on_io(0x10, function() end)
+      vm:on_io(0x11, function() return kvm.STOP end)
+      return vm, cpus
+    end
+
+    after_each(function()
+      if client then client:close() end
+      if stub then stub:close() end
+      stub, client = nil, nil
+    end)
+
+    local function replies()
+      local got = {}
+      while true do
+        local s = client:recv(65536, 0.2)
+        if not s then break end
+        got[#got + 1] = s
+      end
+      local out = {}
+      for data in table.concat(got):gmatch("%$([^#]*)#%x%x") do out[#out + 1] = data end
+      return out
+    end
+
+    local function rip(hex) return string.unpack("<i8", (hex:gsub("%x%x", function(b) return string.char(tonumber(b, 16)) end))) end
+
+    it("lists both, reads each one's registers (Hg), breaks on the AP, steps it alone", function()
+      support.need_kvm()
+      local vm, cpus = smp_vm()
+      stub = assert(gdb.new(cpus, { listen = "127.0.0.1:0" }))
+      client = assert(kvm.tcp_connect("127.0.0.1", stub.port, 5))
+      assert(stub:accept(5))
+      local f = gdb.frame
+      assert(client:send(f("qfThreadInfo") .. f("qsThreadInfo") .. f("qC") .. f("Hg2") .. f("p10") .. f("qC")
+                         .. f("Hg1") .. f("p10") .. f("T2") .. f("T3") .. f("Hg3") .. f("qThreadExtraInfo,2")
+                         .. f("?") .. f("D")))
+      assert.equal("detach", stub:stopped(nil, 5, true))
+      local r = replies()
+      assert.same({ "m1,2", "l", "QC1", "OK", "f0ff000000000000", "QC2", "OK", "0010000000000000", "OK", "E01", "E01",
+                    ("vCPU 1"):gsub(".", function(c) return ("%02x"):format(c:byte()) end), "T05thread:1;" }, { table.unpack(r, 1, 13) })
+      -- a hardware breakpoint on the AP's code (real mode: 0x200:0004, linear 0x2004)
+      client:close()
+      client = assert(kvm.tcp_connect("127.0.0.1", stub.port, 5))
+      assert(stub:accept(5))
+      assert(client:send(f("qSupported:hwbreak+") .. f("Z1,2004,1") .. f("c") .. f("qC") .. f("p10") .. f("Hg1") .. f("p10")
+                         .. f("vCont;s:2;c") .. f("Hg1") .. f("p10") .. f("Hg2") .. f("p10") .. f("k")))
+      local e = stub:run{ timeout = 20 }
+      r = replies()
+      if not hw_ok() then
+        assert.equal("stopped", e.reason)         -- no breakpoint fired: the BSP's port 0x11
+        return
+      end
+      assert.equal("killed", e)
+      assert.equal("OK", r[2])
+      assert.equal("T05thread:2;hwbreak:;", r[3])
+      assert.equal("QC2", r[4])
+      assert.equal(4, rip(r[5]))                    -- the AP's ip
+      local bsp = rip(r[7])
+      assert.is_true(bsp >= 0x1000 and bsp < 0x1100)
+      assert.equal("T05thread:2;", r[8])           -- the step: thread 2 alone
+      assert.equal(bsp, rip(r[10]))                 -- the BSP did not move
+      assert.equal(0xa, rip(r[12]))                 -- the AP: past mov $1, %eax
+      assert.is_true(vm:read(0x3000, 4) == "\0\0\0\0")
+    end)
+  end)
+
   describe("with Debian's gdb in batch mode", function()
     it("connects, reads registers and memory, steps, sets a register, breaks, continues, detaches", function()
       support.need_kvm()
