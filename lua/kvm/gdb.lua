@@ -604,7 +604,9 @@ end
 
 --- The guest has stopped (a "debug" exit `e`, or `nil` for an interrupt or
 -- the start): tell gdb, and serve it until it resumes the guest. A single
--- step is made here (and reported) without returning.
+-- step is made here (and reported) without returning. The vCPU `e.cpu`
+-- names (one of the stub's) becomes gdb's current thread; on "continue",
+-- every vCPU sitting on a breakpoint is first stepped over it.
 -- @param[opt] e the exit
 -- @tparam[opt=5] integer signal what gdb is told (5 SIGTRAP, 2 SIGINT)
 -- @tparam[opt] boolean quiet do not send the stop reply (gdb asks with "?" when it connects)

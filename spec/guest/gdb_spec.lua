@@ -486,6 +486,45 @@ describe("kvm.gdb", function()
       assert.equal(0xa, rip(r[12]))                 -- the AP: past mov $1, %eax
       assert.is_true(vm:read(0x3000, 4) == "\0\0\0\0")
     end)
+
+    it("Debian's gdb: info threads lists both vCPUs; a breakpoint stops thread 1; stepi moves it", function()
+      support.need_kvm()
+      assert.equal(0, select(2, support.sh("gdb --version")), "gdb is not installed (apt-get install gdb)")
+      local _, cpus = smp_vm()
+      stub = assert(gdb.new(cpus, { listen = "127.0.0.1:0" }))
+      local out = os.tmpname()
+      -- 0x1059: the BSP's mov $0x11, %dx, once the AP has counted itself
+      local cmds = { "target remote 127.0.0.1:" .. stub.port, "info threads", "hbreak *0x1059", "continue",
+                     "info threads", "thread 2", "info registers rip", "thread 1", "stepi", "info registers rip",
+                     "kill" }
+      local args = {}
+      for _, c in ipairs(cmds) do args[#args + 1] = "-ex '" .. c .. "'" end
+      assert(os.execute("timeout 60 gdb -q -batch -nx " .. table.concat(args, " ") .. " >" .. out .. " 2>&1 &"))
+      assert(stub:accept(30))
+      local e = stub:run{ timeout = 60 }
+      stub:close()
+      local text
+      for _ = 1, 100 do
+        local fh = assert(io.open(out))
+        text = fh:read("a")
+        fh:close()
+        if text:find("killed%]") or text:find("exited normally") then break end
+        support.sh("sleep 0.1")
+      end
+      os.remove(out)
+      assert.matches("%* 1%s+Thread 1 %(vCPU 0%) 0x0+1000 in", text)
+      assert.matches("\n  2%s+Thread 2 %(vCPU 1%) 0x0+fff0 in", text)
+      if hw_ok() then
+        assert.equal("killed", e, text)
+        assert.matches("Thread 1 hit Breakpoint 1, 0x0+1059 in", text)
+        assert.matches("Switching to thread 2", text, 1, true)
+        assert.matches("rip%s+0x105d%s+0x105d", text)   -- thread 1, one instruction on
+        assert.not_matches("rip%s+0x1059", text)         -- thread 2's rip is the AP's, not the BSP's
+      else
+        assert.equal("stopped", e.reason, text)
+        assert.matches("exited normally", text)
+      end
+    end)
   end)
 
   describe("with Debian's gdb in batch mode", function()
