@@ -457,11 +457,13 @@ describe("kvm.gdb", function()
       local f = gdb.frame
       assert(client:send(f("qfThreadInfo") .. f("qsThreadInfo") .. f("qC") .. f("Hg2") .. f("p10") .. f("qC")
                          .. f("Hg1") .. f("p10") .. f("T2") .. f("T3") .. f("Hg3") .. f("qThreadExtraInfo,2")
-                         .. f("?") .. f("D")))
+                         .. f("?") .. f("Hgzz") .. f("H") .. f("qThreadExtraInfo,9") .. f("vCont;s:9") .. f("vCont;c:zz")
+                         .. f("D")))
       assert.equal("detach", stub:stopped(nil, 5, true))
       local r = replies()
       assert.same({ "m1,2", "l", "QC1", "OK", "f0ff000000000000", "QC2", "OK", "0010000000000000", "OK", "E01", "E01",
-                    ("vCPU 1"):gsub(".", function(c) return ("%02x"):format(c:byte()) end), "T05thread:1;" }, { table.unpack(r, 1, 13) })
+                    ("vCPU 1"):gsub(".", function(c) return ("%02x"):format(c:byte()) end), "T05thread:1;",
+                    "E01", "E01", "E01", "E01", "E01", "OK" }, r)
       -- a hardware breakpoint on the AP's code (real mode: 0x200:0004, linear 0x2004)
       client:close()
       client = assert(kvm.tcp_connect("127.0.0.1", stub.port, 5))
