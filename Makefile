@@ -15,6 +15,9 @@ BUSTED   ?= busted
 .DEFAULT_GOAL := all
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 TSAN_FLAGS = -O1 -g -fsanitize=thread -fno-omit-frame-pointer
+# a lua5.4 of the sanitizers' own (spec/lua_asan.c, Lua linked in statically)
+SAN_LUA = spec/lua_asan.c -Wl,-E \
+  $$(pkg-config --variable=libdir lua5.4 2>/dev/null || echo /usr/lib/x86_64-linux-gnu)/liblua5.4.a -lm -ldl
 # the specs where several threads touch the core: vm:run's, the devices', the run loop's
 THREAD_SPECS = spec/guest/smp_spec.lua spec/guest/serial_spec.lua spec/guest/devices_spec.lua \
                spec/guest/run_spec.lua spec/guest/hostile_spec.lua
@@ -61,8 +64,7 @@ test: all kernel
 check-memory:
 	$(MAKE) clean
 	$(MAKE) all CFLAGS="$(ASAN_FLAGS)"
-	$(CC) $(ASAN_FLAGS) $(LUA_INC) -o spec/lua-asan spec/lua_asan.c -Wl,-E \
-	  $$(pkg-config --variable=libdir lua5.4 2>/dev/null || echo /usr/lib/x86_64-linux-gnu)/liblua5.4.a -lm -ldl
+	$(CC) $(ASAN_FLAGS) $(LUA_INC) -o spec/lua-asan $(SAN_LUA)
 	@mkdir -p spec/asan-bin && ln -sf ../lua-asan spec/asan-bin/lua5.4
 	PATH="$(CURDIR)/spec/asan-bin:$$PATH" \
 	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23 \
@@ -77,8 +79,7 @@ check-memory:
 check-threads:
 	$(MAKE) clean
 	$(MAKE) all CFLAGS="$(TSAN_FLAGS)"
-	$(CC) $(TSAN_FLAGS) $(LUA_INC) -o spec/lua-tsan spec/lua_asan.c -Wl,-E \
-	  $$(pkg-config --variable=libdir lua5.4 2>/dev/null || echo /usr/lib/x86_64-linux-gnu)/liblua5.4.a -lm -ldl
+	$(CC) $(TSAN_FLAGS) $(LUA_INC) -o spec/lua-tsan $(SAN_LUA)
 	@mkdir -p spec/tsan-bin && ln -sf ../lua-tsan spec/tsan-bin/lua5.4
 	PATH="$(CURDIR)/spec/tsan-bin:$$PATH" \
 	  TSAN_OPTIONS=halt_on_error=1:exitcode=66:report_signal_unsafe=0:second_deadlock_stack=1 \

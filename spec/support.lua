@@ -88,6 +88,13 @@ function support.sh(cmd)
   return out, ok and 0 or code
 end
 
+--- Does a file (or folder) open for reading?
+function support.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
 function support.slurp(path)
   local f = assert(io.open(path, "rb"))
   local s = f:read("a")
@@ -230,6 +237,59 @@ function support.guest(code, opts)
   for k, v in pairs(opts.regs or {}) do regs[k] = v end
   cpu:set_regs(regs)
   return vm, cpu, ram
+end
+
+--- A VM of `n` vCPUs with the SMP test guest (spec/guest/smp.S): an
+-- in-kernel irqchip, each vCPU's CPUID with its APIC id, the BSP in flat
+-- protected mode at 0x1000. `o.wait` = how many APs the BSP waits for
+-- (default n - 1; more: it spins for good), `o.hammer` = how many times each
+-- CPU writes its APIC id to port 0x12 first (default 0).
+-- @return vm, cpus (a list, vCPU 0 first), ram
+function support.smp_guest(n, o)
+  o = o or {}
+  local cpuid = require "kvm.cpuid"
+  local vm = assert(kvm.vm())
+  local ram = vm:memory{ guest = 0, size = support.RAM }
+  assert(vm:irqchip())
+  local cpus = {}
+  for i = 0, n - 1 do
+    local c = assert(vm:vcpu(i))
+    assert(c:set_cpuid(assert(cpuid.guest{ apic_id = i })))
+    cpus[i + 1] = c
+  end
+  x86.protected_mode(cpus[1], vm)
+  ram:write(0x1000, support.guest_bin("smp"))
+  ram:write(0x3004, string.pack("<I4I4", o.wait or n - 1, o.hammer or 0))
+  cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+  return vm, cpus, ram
+end
+
+--- What a person types at a guest's console, step by step: a shell piping
+-- into the serial input (`t.pipe`, the console's `input`) types each step's
+-- `send` when told to (`t.go(i)`: a flag file), or at once for a step with
+-- `at_once = true` (typed ahead, before the guest reads). `t.close()` lets the
+-- rest go, closes the pipe and removes the files.
+function support.typist(steps)
+  local files, script = {}, {}
+  for i, step in ipairs(steps) do
+    local text, flag = os.tmpname(), os.tmpname()
+    os.remove(flag)
+    local f = assert(io.open(text, "wb")); f:write(step.send); f:close()
+    files[i] = { text = text, flag = flag }
+    if not step.at_once then
+      script[#script + 1] = ("while [ ! -e %s ]; do sleep 0.2; done"):format(flag)
+    end
+    script[#script + 1] = "cat " .. text
+  end
+  local pipe = assert(io.popen("sh -c '" .. table.concat(script, "; ") .. "'", "r"))
+  local t = { pipe = pipe }
+  function t.go(i) local f = io.open(files[i].flag, "w"); if f then f:close() end end
+  function t.close()
+    for i = 1, #files do t.go(i) end
+    pipe:close()
+    for _, f in ipairs(files) do os.remove(f.text); os.remove(f.flag) end
+  end
+  return t
 end
 
 --- Call f(...) and return the error it raises, without the "file:line: "

@@ -16,11 +16,7 @@ end
 
 local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
+local exists = support.exists
 
 local function have(cmd)
   return (sh("command -v " .. cmd))

@@ -79,20 +79,7 @@ describe("kvm.sandbox #guest", function()
     local code, out = child([[
       local support = require "support"
       local kvm = require "kvm"
-      local x86 = require "kvm.x86"
-      local cpuid = require "kvm.cpuid"
-      local vm = assert(kvm.vm())
-      local ram = vm:memory{ guest = 0, size = support.RAM }
-      assert(vm:irqchip())
-      local cpus = {}
-      for i = 0, 3 do
-        cpus[i + 1] = assert(vm:vcpu(i))
-        assert(cpus[i + 1]:set_cpuid(assert(cpuid.guest{ apic_id = i })))
-      end
-      x86.protected_mode(cpus[1], vm)
-      ram:write(0x1000, support.guest_bin("smp"))
-      ram:write(0x3004, string.pack("<I4I4", 3, 100))
-      cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+      local vm = support.smp_guest(4, { hammer = 100 })
       local seen, hammered = {}, 0
       vm:on_io(0x10, function(_, _, _, v) seen[#seen + 1] = v end)
       vm:on_io(0x12, function() hammered = hammered + 1 end)

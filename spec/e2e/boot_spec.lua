@@ -7,11 +7,7 @@ local linux = require "kvm.linux"
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 local CONSOLE = "printk: console [ttyS0] enabled"
 
-local function exists(p)
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local exists = support.exists
 
 -- boot until `marker` shows on the console (or the timeout); returns the
 -- console text, ctx and the exit

@@ -8,11 +8,7 @@ local support = require "support"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 
-local function exists(p)
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local exists = support.exists
 
 local function slurp(p)
   local f = io.open(p, "rb")

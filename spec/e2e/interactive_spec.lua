@@ -9,11 +9,7 @@ local support = require "support"
 
 local sh = support.sh
 
-local function exists(p)
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local exists = support.exists
 
 describe("#e2e #userspace make run", function()
   it("boots to a shell a person types at; poweroff returns to the host prompt with the terminal restored",

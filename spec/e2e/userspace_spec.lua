@@ -9,36 +9,7 @@ local linux = require "kvm.linux"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 
-local function exists(p)
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
-
--- What a person types: each step waits for `wait` in the console output
--- (nothing for the first: it is typed before the kernel starts) and then
--- types `send`. The typist is a shell piping into the serial input, told by
--- flag files when to go on.
-local function typist_for(steps)
-  local files, script = {}, {}
-  for i, step in ipairs(steps) do
-    local text, flag = os.tmpname(), os.tmpname()
-    os.remove(flag)
-    local f = assert(io.open(text, "wb")); f:write(step.send); f:close()
-    files[i] = { text = text, flag = flag }
-    if i > 1 then script[#script + 1] = ("while [ ! -e %s ]; do sleep 0.2; done"):format(flag) end
-    script[#script + 1] = "cat " .. text
-  end
-  local pipe = assert(io.popen("sh -c '" .. table.concat(script, "; ") .. "'", "r"))
-  local t = { pipe = pipe }
-  function t.go(i) local f = io.open(files[i].flag, "w"); if f then f:close() end end
-  function t.close()
-    for i = 2, #files do t.go(i) end
-    pipe:close()
-    for _, f in ipairs(files) do os.remove(f.text); os.remove(f.flag) end
-  end
-  return t
-end
+local exists = support.exists
 
 -- 16 KiB pasted at the shell in one go: 256 numbered lines of 64 bytes, and
 -- its MD5 as the host's md5sum computes it
@@ -62,7 +33,7 @@ end
 -- Returns the exit, ctx, and what was seen {ahead=, stage=, seconds=, stats=, log=}.
 local function boot_to_shell(setup, last, more)
   local steps = {
-    { send = "echo ahead-$((40+2))\n" },
+    { send = "echo ahead-$((40+2))\n", at_once = true },   -- typed before the kernel starts
     { wait = "LUAKVM-INIT-OK", send = "echo luakvm-$((6*7))\n" },
   }
   local wait = "luakvm-42"
@@ -71,7 +42,7 @@ local function boot_to_shell(setup, last, more)
     wait = m.wait
   end
   steps[#steps + 1] = { wait = wait, send = (last or "poweroff") .. "\n" }
-  local typist = typist_for(steps)
+  local typist = support.typist(steps)
   local seen, got, log = "", { stage = 2, ahead = false }, {}
   local function output(bytes)
     io.stderr:write(bytes)

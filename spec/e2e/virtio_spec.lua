@@ -10,11 +10,7 @@ local linux = require "kvm.linux"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 
-local function exists(p)
-  local f = io.open(p, "rb")
-  if f then f:close() return true end
-  return false
-end
+local exists = support.exists
 
 local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.execute("rm -rf '" .. p .. "'") end end)
@@ -41,17 +37,8 @@ end
 -- shown the previous step's `wait` (the first: once /init says it is up),
 -- then poweroff. Returns the exit, the console log and the VM's counters.
 local function boot(setup, steps)
-  local text = {}
-  local files = {}
-  for i, s in ipairs(steps) do
-    local t, flag = os.tmpname(), os.tmpname()
-    os.remove(flag)
-    local f = assert(io.open(t, "wb")); f:write(s.send); f:close()
-    files[i] = { text = t, flag = flag }
-    text[#text + 1] = ("while [ ! -e %s ]; do sleep 0.2; done; cat %s"):format(flag, t)
-  end
-  local pipe = assert(io.popen("sh -c '" .. table.concat(text, "; ") .. "'", "r"))
-  local function go(i) local f = io.open(files[i].flag, "w"); if f then f:close() end end
+  local typist = support.typist(steps)
+  local go = typist.go
   local waits = { "LUAKVM-INIT-OK" }
   for i, s in ipairs(steps) do waits[i + 1] = s.wait end
   local stage, seen, log = 1, "", {}
@@ -66,16 +53,14 @@ local function boot(setup, steps)
     end
   end
   local opts = { kernel = DIR .. "/vmlinux", initrd = DIR .. "/initramfs.cpio.gz",
-                 memory = 128 << 20, output = output, input = pipe }
+                 memory = 128 << 20, output = output, input = typist.pipe }
   for k, v in pairs(setup) do opts[k] = v end
   local ctx, err = linux.setup(opts)
   assert(ctx, err)
   local e = linux.run(ctx, { timeout = 240 })
   local stats = ctx.vm:stats()
   ctx.vm:close()
-  for i = stage, #steps do go(i) end
-  pipe:close()
-  for _, f in ipairs(files) do os.remove(f.text); os.remove(f.flag) end
+  typist.close()
   local all = table.concat(log)
   assert.is_true(stage > #steps, ("the guest never printed %q; the run ended with %s")
     :format(waits[math.min(stage, #waits)], tostring(e)))

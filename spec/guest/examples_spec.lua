@@ -14,11 +14,7 @@ local function run(cmd)
   return code, out
 end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
+local exists = support.exists
 
 local function lines_matching(text, pattern)
   local n = 0

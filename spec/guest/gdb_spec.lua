@@ -12,6 +12,29 @@ local LOOP64 = "\xb9\x05\x00\x00\x00"  -- 0x1000 mov ecx, 5
 
 local SPIN = "\xeb\xfe"                -- jmp .
 
+-- Debian's gdb in batch mode running `cmds` against `stub` (output to the
+-- file `out`), the stub serving it until its run ends; gdb's last words come
+-- after the stub is done, so wait for it to exit. Returns what stub:run
+-- returned and gdb's output.
+local function gdb_batch(stub, cmds, out)
+  local args = {}
+  for _, c in ipairs(cmds) do args[#args + 1] = "-ex '" .. c .. "'" end
+  assert(os.execute("timeout 60 gdb -q -batch -nx " .. table.concat(args, " ") .. " >" .. out .. " 2>&1 &"))
+  assert(stub:accept(30))
+  local e = stub:run{ timeout = 60 }
+  stub:close()
+  local text
+  for _ = 1, 100 do
+    local f = assert(io.open(out))
+    text = f:read("a")
+    f:close()
+    if text:find("killed%]") or text:find("detached%]") or text:find("exited normally") then break end
+    support.sh("sleep 0.1")
+  end
+  os.remove(out)
+  return e, text
+end
+
 describe("kvm.gdb", function()
   local kvm = require "kvm"
   local gdb = kvm.gdb
@@ -408,21 +431,7 @@ describe("kvm.gdb", function()
     -- the BSP at 0x1000 (protected mode) wakes the AP, which starts in
     -- real mode at 0x2000 (linear); ports 0x10 and 0x11 served here
     local function smp_vm()
-      local x86 = require "kvm.x86"
-      local cpuid = require "kvm.cpuid"
-      local vm = assert(kvm.vm())
-      local ram = vm:memory{ guest = 0, size = support.RAM }
-      assert(vm:irqchip())
-      local cpus = {}
-      for i = 0, 1 do
-        local c = assert(vm:vcpu(i))
-        assert(c:set_cpuid(assert(cpuid.guest{ apic_id = i })))
-        cpus[i + 1] = c
-      end
-      x86.protected_mode(cpus[1], vm)
-      ram:write(0x1000, support.guest_bin("smp"))
-      ram:write(0x3004, string.pack("<I4I4", 1, 0))
-      cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+      local vm, cpus = support.smp_guest(2)
       vm:on_io(0x10, function() end)
       vm:on_io(0x11, function() return kvm.STOP end)
       return vm, cpus
@@ -499,21 +508,7 @@ describe("kvm.gdb", function()
       local cmds = { "target remote 127.0.0.1:" .. stub.port, "info threads", "hbreak *0x1059", "continue",
                      "info threads", "thread 2", "info registers rip", "thread 1", "stepi", "info registers rip",
                      "kill" }
-      local args = {}
-      for _, c in ipairs(cmds) do args[#args + 1] = "-ex '" .. c .. "'" end
-      assert(os.execute("timeout 60 gdb -q -batch -nx " .. table.concat(args, " ") .. " >" .. out .. " 2>&1 &"))
-      assert(stub:accept(30))
-      local e = stub:run{ timeout = 60 }
-      stub:close()
-      local text
-      for _ = 1, 100 do
-        local fh = assert(io.open(out))
-        text = fh:read("a")
-        fh:close()
-        if text:find("killed%]") or text:find("exited normally") then break end
-        support.sh("sleep 0.1")
-      end
-      os.remove(out)
+      local e, text = gdb_batch(stub, cmds, out)
       assert.matches("%* 1%s+Thread 1 %(vCPU 0%) 0x0+1000 in", text)
       assert.matches("\n  2%s+Thread 2 %(vCPU 1%) 0x0+fff0 in", text)
       if hw_ok() then
@@ -539,22 +534,7 @@ describe("kvm.gdb", function()
       local cmds = { "target remote 127.0.0.1:" .. stub.port, "info registers rip", "stepi", "stepi",
                      "info registers rip", "x/3xb 0x1005", "set $rcx = 1", "hbreak *0x100a", "continue",
                      "info registers rip rax rcx", "detach" }
-      local args = {}
-      for _, c in ipairs(cmds) do args[#args + 1] = "-ex '" .. c .. "'" end
-      assert(os.execute("timeout 60 gdb -q -batch -nx " .. table.concat(args, " ") .. " >" .. out .. " 2>&1 &"))
-      assert(stub:accept(30))
-      local e = stub:run{ timeout = 60 }
-      stub:close()
-      -- gdb's last words come after the stub is done: wait for it to exit
-      local text
-      for _ = 1, 100 do
-        local f = assert(io.open(out))
-        text = f:read("a")
-        f:close()
-        if text:find("detached%]") or text:find("exited normally") then break end
-        support.sh("sleep 0.1")
-      end
-      os.remove(out)
+      local e, text = gdb_batch(stub, cmds, out)
       assert.equal("hlt", e.reason, text)
       assert.matches("rip%s+0x1000%s+0x1000", text)
       assert.matches("rip%s+0x1008%s+0x1008", text)     -- two instructions later: mov, inc

@@ -7,26 +7,22 @@
 local support = require "support"
 local kvm = require "kvm"
 local x86 = require "kvm.x86"
-local cpuid = require "kvm.cpuid"
 
--- a VM of n vCPUs with the smp guest; `wait` = how many APs the BSP waits
--- for (default n - 1; more: it spins forever)
-local function smp_vm(n, o)
-  o = o or {}
+-- a VM of n vCPUs with the smp guest (support.smp_guest: `wait`, `hammer`)
+local smp_vm = support.smp_guest
+
+-- a VM whose vCPU 0 runs `code` in real mode at 0x1000 and whose vCPU 1 is
+-- never started (it waits for a start-up IPI nobody sends)
+local function bsp_and_idle_ap(code)
   local vm = assert(kvm.vm())
-  local ram = vm:memory{ guest = 0, size = support.RAM }
+  vm:memory{ guest = 0, size = support.RAM }
   assert(vm:irqchip())
-  local cpus = {}
-  for i = 0, n - 1 do
-    local c = assert(vm:vcpu(i))
-    assert(c:set_cpuid(assert(cpuid.guest{ apic_id = i })))
-    cpus[i + 1] = c
-  end
-  x86.protected_mode(cpus[1], vm)
-  ram:write(0x1000, support.guest_bin("smp"))
-  ram:write(0x3004, string.pack("<I4I4", o.wait or n - 1, o.hammer or 0))
-  cpus[1]:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
-  return vm, cpus, ram
+  local c0 = assert(vm:vcpu(0))
+  assert(vm:vcpu(1))
+  x86.real_mode(c0)
+  vm:write(0x1000, code)
+  c0:set_regs{ rip = 0x1000, rflags = 2 }
+  return vm
 end
 
 local function sorted(t)
@@ -138,26 +134,12 @@ describe("#guest vm:run with several vCPUs", function()
   end)
 
   it("a vCPU that was never started does not keep the run from ending (timeout)", function()
-    local vm = assert(kvm.vm())
-    vm:memory{ guest = 0, size = support.RAM }
-    assert(vm:irqchip())
-    local c0 = assert(vm:vcpu(0))
-    assert(vm:vcpu(1))
-    x86.real_mode(c0)
-    vm:write(0x1000, "\xeb\xfe")              -- jmp $
-    c0:set_regs{ rip = 0x1000, rflags = 2 }
+    local vm = bsp_and_idle_ap("\xeb\xfe")     -- jmp $
     assert.equal("timeout", assert(vm:run{ timeout = 0.3 }).reason)
   end)
 
   it("the BSP halted for good and an AP never started: reason 'halted'", function()
-    local vm = assert(kvm.vm())
-    vm:memory{ guest = 0, size = support.RAM }
-    assert(vm:irqchip())
-    local c0 = assert(vm:vcpu(0))
-    assert(vm:vcpu(1))
-    x86.real_mode(c0)
-    vm:write(0x1000, "\xfa\xf4\xeb\xfc")      -- cli; hlt; jmp back
-    c0:set_regs{ rip = 0x1000, rflags = 2 }
+    local vm = bsp_and_idle_ap("\xfa\xf4\xeb\xfc") -- cli; hlt; jmp back
     assert.equal("halted", assert(vm:run{ timeout = 30 }).reason)
   end)
 
