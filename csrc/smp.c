@@ -53,8 +53,7 @@ typedef struct Worker {
   RunState rs;
   pthread_t tid;
   int started, finished;
-  int outcome, kvm_errno;
-  uint64_t finished_at;         /* order of finishing */
+  int kvm_errno;
 } Worker;
 
 struct Hub {
@@ -65,7 +64,7 @@ struct Hub {
   Request *head, *tail;
   Worker *w;
   int n, nfinished;
-  uint64_t order;
+  Worker *first;                /* the first vCPU thread to finish its loop */
   int stopping;
   int refuse;                   /* a handler raised: refuse further requests */
   const char *why;              /* the Lua thread's own reason (timeout, intr, halted) */
@@ -112,12 +111,14 @@ static void *vcpu_thread(void *arg) {
   pthread_setname_np(pthread_self(), name);
   kvm_run_enter_thread(rs);
   uint64_t t0 = kvm_now_ns();
-  w->outcome = kvm_run_loop(rs, &w->kvm_errno);
+  /* its outcome: an error (only Lua work on the Lua thread raises one) is in
+     the Hub already; why it returned is in rs */
+  (void)kvm_run_loop(rs, &w->kvm_errno);
   rs->c->stats.ns_in_run += kvm_now_ns() - t0;
   kvm_run_leave_thread(rs);
   pthread_mutex_lock(&h->mu);
   w->finished = 1;
-  w->finished_at = ++h->order;
+  if (h->first == NULL) h->first = w;
   h->nfinished++;
   pthread_cond_signal(&h->wake);
   pthread_mutex_unlock(&h->mu);
@@ -226,8 +227,7 @@ static int serve_all(lua_State *L) {
       pthread_mutex_lock(&h->mu);
     }
     if (h->nfinished && !h->stopping) {         /* a vCPU ended the run */
-      for (int i = 0; i < h->n; i++)
-        if (h->w[i].finished_at == 1) h->decider = &h->w[i];
+      h->decider = h->first;
       stop_all(h);
     }
     if (h->nfinished == h->n) break;
