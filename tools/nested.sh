@@ -195,7 +195,10 @@ run() {
 		-virtfs "local,path=$TMP,mount_tag=run,security_model=none"
 	st=0
 	if [ "$interactive" = 1 ]; then
-		timeout -k 10 "$timeout" "$@" || st=$?
+		# --foreground: QEMU stays in the terminal's foreground process group
+		# (timeout otherwise runs it in a group of its own, and QEMU, setting
+		# the terminal up, is stopped by SIGTTOU: `make run` hung silently)
+		timeout --foreground -k 10 "$timeout" "$@" || st=$?
 	else
 		# QEMU's monitor on two fifos, read only when the guest froze
 		mkfifo "$TMP/mon.in" "$TMP/mon.out"
