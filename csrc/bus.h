@@ -16,6 +16,7 @@
 #define LUAKVM_BUS_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "lua.h"
@@ -27,6 +28,7 @@ typedef struct Vm Vm;
 typedef struct Vcpu Vcpu;
 
 typedef struct BusCall BusCall;
+typedef struct SnapBuf SnapBuf;
 typedef struct LuaPort LuaPort;
 
 /* Work for the thread that owns the Lua state: a Lua device's access, a
@@ -67,6 +69,13 @@ typedef struct DeviceOps {
   void (*end_run)(Device *d);             /* run() ends, idempotent (restore it) */
   void (*close)(Device *d);               /* the VM closes or the device is removed */
   void (*stats)(Device *d, lua_State *L); /* add its counters to the table on top */
+  /* snapshots (snapshot.h), called while no vCPU runs: save appends the
+     device's state to b, a version number first (0, or -1: cannot be saved
+     now, a message in err); restore checks [p, p+n) (apply 0: a message in
+     err, nothing changed) or takes it (apply 1, after a check passed). A
+     device without save is left out of snapshots (vm:snapshot says so). */
+  int (*save)(Device *d, SnapBuf *b, char *err, size_t errlen);
+  int (*restore)(Device *d, const uint8_t *p, size_t n, int apply, char *err, size_t errlen);
   int lua;                       /* calls Lua: run on the Lua thread (bus_lua), not locked */
 } DeviceOps;
 

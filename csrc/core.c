@@ -233,6 +233,7 @@ LUAKVM_EXPORT int luaopen_kvm_core(lua_State *L) {
   kvm_open_memory(L);
   kvm_open_vcpu(L);
   kvm_open_exit(L);
+  kvm_open_snapshot(L);
   luaL_newlib(L, funcs);
   kvm_open_socket(L);                  /* kvm.tcp_listen, kvm.tcp_connect */
   lua_pushcfunction(L, l_vm_new);

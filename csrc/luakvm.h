@@ -167,6 +167,9 @@ int  l_vcpu_step(lua_State *L);
    module table on the stack top */
 void kvm_open_socket(lua_State *L);
 
+/* snapshot.c: the kvm.snapshot class; vm:snapshot, vm:restore */
+void kvm_open_snapshot(lua_State *L);
+
 /* sandbox.c */
 int  l_sandbox(lua_State *L);                         /* kvm.sandbox{allow=, action=} */
 
