@@ -188,10 +188,26 @@ fail:
 /* bytes of KVM_GET_XSAVE2's buffer (KVM_CAP_XSAVE2), 4096 for KVM_GET_XSAVE,
    0 without XSAVE (then KVM_GET_FPU) */
 static size_t xsave_size(Vm *vm) {
-  int n = ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
-  if (n > (int)sizeof(struct kvm_xsave)) return (size_t)n;
-  return ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE) > 0 ? sizeof(struct kvm_xsave) : 0;
+  static size_t known;           /* the same for every VM of the process */
+  size_t n = __atomic_load_n(&known, __ATOMIC_RELAXED);
+  if (n) return n - 1;
+  int x2 = ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
+  if (x2 > (int)sizeof(struct kvm_xsave)) n = (size_t)x2;
+  else n = ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE) > 0 ? sizeof(struct kvm_xsave) : 0;
+  __atomic_store_n(&known, n + 1, __ATOMIC_RELAXED);
+  return n;
 }
+
+/* KVM_CHECK_EXTENSION of a capability every VM of the process shares */
+static int has_cap(Vm *vm, int cap, int *known) {
+  int k = __atomic_load_n(known, __ATOMIC_RELAXED);
+  if (k == 0) {
+    k = ioctl(vm->fd, KVM_CHECK_EXTENSION, cap) > 0 ? 1 : 2;
+    __atomic_store_n(known, k, __ATOMIC_RELAXED);
+  }
+  return k == 1;
+}
+static int cap_xcrs, cap_debugregs;
 
 /* A vCPU that left KVM_RUN for port or MMIO I/O finishes that access on its
    next KVM_RUN: with immediate_exit KVM does only that and returns EINTR
@@ -245,9 +261,9 @@ static int save_vcpu(Vcpu *c, SnapBuf *b, size_t xsz, const char **what) {
     struct kvm_fpu fpu;
     GETREC(KVM_GET_FPU, SNAP_R_FPU, fpu, "KVM_GET_FPU");
   }
-  if (ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XCRS) > 0)
+  if (has_cap(vm, KVM_CAP_XCRS, &cap_xcrs))
     GETREC(KVM_GET_XCRS, SNAP_R_XCRS, xcrs, "KVM_GET_XCRS");
-  if (ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_DEBUGREGS) > 0)
+  if (has_cap(vm, KVM_CAP_DEBUGREGS, &cap_debugregs))
     GETREC(KVM_GET_DEBUGREGS, SNAP_R_DEBUGREGS, dregs, "KVM_GET_DEBUGREGS");
   if (vm->has_irqchip) GETREC(KVM_GET_LAPIC, SNAP_R_LAPIC, lapic, "KVM_GET_LAPIC");
   GETREC(KVM_GET_VCPU_EVENTS, SNAP_R_EVENTS, ev, "KVM_GET_VCPU_EVENTS");
@@ -479,6 +495,7 @@ int l_vm_snapshot(lua_State *L) {
     if (sm == NULL) goto oom;
     copy_region(sm, m->host);
   }
+  s->trusted = 1;
   if (set_baseline(vm, s->id) < 0) {
     snprintf(err, sizeof err, "vm:snapshot: dirty logging (KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG): %s",
              strerror(errno));
@@ -587,7 +604,7 @@ static int check_vcpu(Vm *vm, const Recs *r, size_t xsz, char *err, size_t errle
       return -1;
     }
   }
-  if (r->p[SNAP_R_XCRS] && ioctl(vm->fd, KVM_CHECK_EXTENSION, KVM_CAP_XCRS) <= 0) {
+  if (r->p[SNAP_R_XCRS] && !has_cap(vm, KVM_CAP_XCRS, &cap_xcrs)) {
     snprintf(err, errlen, "%s: has XCRs, this host's KVM has no KVM_CAP_XCRS", whose);
     return -1;
   }
@@ -820,7 +837,32 @@ typedef struct Plan {
   const SnapPart *devpart[KVM_MAX_DEVICES];
   int ncpu, ndev;
   size_t xsz, scratch;
+  int backed;                    /* bk and bkvm hold the state before */
+  SnapBuf bk[KVM_MAX_VCPUS], bkvm;
 } Plan;
+
+static void drop_backup(Plan *pl) {
+  for (int k = 0; k < pl->ncpu; k++) free(pl->bk[k].p);
+  free(pl->bkvm.p);
+  pl->backed = 0;
+}
+
+/* the vCPUs' and the VM's state as they are, to put back when KVM refuses
+   a value of the snapshot */
+static int backup(Vm *vm, Plan *pl, char *err, size_t errlen) {
+  const char *what = NULL;
+  for (int k = 0; k < pl->ncpu; k++)
+    if (save_vcpu(pl->vcpu[k], &pl->bk[k], pl->xsz, &what) < 0 || pl->bk[k].oom) {
+      snprintf(err, errlen, "saving vCPU %d first: %s: %s", pl->vcpu[k]->id, what ? what : "", strerror(errno));
+      return -1;
+    }
+  if (save_vm(vm, &pl->bkvm, &what) < 0 || pl->bkvm.oom) {
+    snprintf(err, errlen, "saving the VM's state first: %s: %s", what ? what : "", strerror(errno));
+    return -1;
+  }
+  pl->backed = 1;
+  return 0;
+}
 
 static int plan_restore(Vm *vm, const Snapshot *s, Plan *pl, char *err, size_t errlen) {
   char a[48];
@@ -946,18 +988,20 @@ int l_vm_restore(lua_State *L) {
   if (plan_restore(vm, s, pl, err, sizeof err) < 0) goto fail;
   scratch = calloc(1, pl->scratch);
   if (scratch == NULL) { en = ENOMEM; snprintf(err, sizeof err, "out of memory"); goto fail; }
-  /* what KVM checks itself goes first: a snapshot it refuses has changed
-     vCPU state only (the check above cannot know each field's rules) */
+  /* what KVM checks itself goes first; for a snapshot from a file, whose
+     values KVM may refuse (the checks above cannot know each field's
+     rules), the vCPUs' and the VM's state are saved first and put back */
+  if (!s->trusted && backup(vm, pl, err, sizeof err) < 0) { en = errno; goto fail; }
   for (int k = 0; k < pl->ncpu; k++)
     if (put_vcpu(pl->vcpu[k], &pl->cpu[k], pl->xsz, &what, scratch) < 0) {
       en = errno;
-      snprintf(err, sizeof err, "vCPU %d: %s: %s", pl->vcpu[k]->id, what, strerror(en));
-      goto fail;
+      snprintf(err, sizeof err, "vCPU %d: %s: %s (nothing changed)", pl->vcpu[k]->id, what, strerror(en));
+      goto rollback;
     }
   if (put_vm(vm, &pl->vm, &what) < 0) {
     en = errno;
-    snprintf(err, sizeof err, "%s: %s", what, strerror(en));
-    goto fail;
+    snprintf(err, sizeof err, "%s: %s (nothing changed)", what, strerror(en));
+    goto rollback;
   }
   for (int k = 0; k < pl->ndev; k++) {
     Device *d = pl->dev[k];
@@ -972,12 +1016,30 @@ int l_vm_restore(lua_State *L) {
     snprintf(err, sizeof err, "memory: %s", strerror(en));
     goto fail;
   }
+  drop_backup(pl);
   free(scratch);
   free(pl);
   lua_pushboolean(L, 1);
   lua_pushinteger(L, (lua_Integer)pages);
   return 2;
+rollback:
+  if (pl->backed) {
+    for (int k = 0; k < pl->ncpu; k++) {
+      Recs r;
+      SnapPart bp = {.data = pl->bk[k].p, .len = pl->bk[k].n};
+      if (split(&bp, SNAP_R_TSC_KHZ, &r, err + strlen(err), 0, "") == 0)
+        put_vcpu(pl->vcpu[k], &r, pl->xsz, &what, scratch);
+    }
+    Recs r;
+    SnapPart bp = {.data = pl->bkvm.p, .len = pl->bkvm.n};
+    if (split(&bp, SNAP_R_CLOCK, &r, err + strlen(err), 0, "") == 0) put_vm(vm, &r, &what);
+  } else {
+    size_t l = strlen(err);
+    if (l > 18 && !strcmp(err + l - 18, " (nothing changed)"))
+      snprintf(err + l - 18, sizeof err - (l - 18), " (the vCPUs' state is now partly restored)");
+  }
 fail:
+  drop_backup(pl);
   free(scratch);
   free(pl);
   luaL_pushfail(L);
@@ -997,7 +1059,69 @@ static int l_snap_tostring(lua_State *L) {
   return 1;
 }
 
+static const char *const kind_names[] = {"?", "vm", "vcpu", "device"};
+
+/*** What the snapshot holds, part by part.
+@function snapshot:parts
+@treturn table a list of {kind = "vm" | "vcpu" | "device", id =, name = (a
+  device's kind), addr = (a device's first port or MMIO address), mmio =
+  (boolean), bytes = (its state's size)}
+*/
+static int l_snap_parts(lua_State *L) {
+  Snapshot *s = snap_check(L, 1);
+  lua_createtable(L, s->nparts, 0);
+  for (int i = 0; i < s->nparts; i++) {
+    const SnapPart *p = &s->parts[i];
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, kind_names[p->kind < 4 ? p->kind : 0]);
+    lua_setfield(L, -2, "kind");
+    lua_pushinteger(L, (lua_Integer)p->id);
+    lua_setfield(L, -2, "id");
+    if (p->kind == SNAP_DEVICE) {
+      lua_pushstring(L, p->name);
+      lua_setfield(L, -2, "name");
+      lua_pushinteger(L, (lua_Integer)(p->addr & ~(1ull << 63)));
+      lua_setfield(L, -2, "addr");
+      lua_pushboolean(L, (int)(p->addr >> 63));
+      lua_setfield(L, -2, "mmio");
+    }
+    lua_pushinteger(L, (lua_Integer)p->len);
+    lua_setfield(L, -2, "bytes");
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
+/*** The guest memory it holds, region by region.
+@function snapshot:memory
+@treturn table a list of {slot =, guest =, size =, pages = (pages that are
+  not all zeroes: what a file stores)}
+*/
+static int l_snap_memory(lua_State *L) {
+  Snapshot *s = snap_check(L, 1);
+  lua_createtable(L, s->nmem, 0);
+  for (int i = 0; i < s->nmem; i++) {
+    const SnapMem *m = &s->mem[i];
+    lua_Integer pages = 0;
+    size_t words = bitmap_words(m->size);
+    for (size_t w = 0; w < words; w++) pages += __builtin_popcountll(m->nonzero[w]);
+    lua_createtable(L, 0, 4);
+    lua_pushinteger(L, (lua_Integer)m->slot);
+    lua_setfield(L, -2, "slot");
+    lua_pushinteger(L, (lua_Integer)m->guest);
+    lua_setfield(L, -2, "guest");
+    lua_pushinteger(L, (lua_Integer)m->size);
+    lua_setfield(L, -2, "size");
+    lua_pushinteger(L, pages);
+    lua_setfield(L, -2, "pages");
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
 static const luaL_Reg snap_methods[] = {
+  {"parts", l_snap_parts},
+  {"memory", l_snap_memory},
   {NULL, NULL}
 };
 
