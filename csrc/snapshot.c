@@ -871,6 +871,8 @@ static int backup(Vm *vm, Plan *pl, char *err, size_t errlen) {
 static int plan_restore(Vm *vm, const Snapshot *s, Plan *pl, char *err, size_t errlen) {
   char a[48];
   pl->xsz = xsave_size(vm);
+  /* a snapshot from a file may come from another CPU */
+  if (!s->trusted && snap_check_cpu(s, vm->kvm_fd, err, errlen) < 0) return -1;
   int nvm = 0;
   /* memory: the same regions */
   int nreg = 0;

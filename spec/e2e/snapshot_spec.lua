@@ -88,7 +88,7 @@ describe("#e2e #userspace boot_linux.lua --save-at and --restore", function()
       { send = "\necho restored-$((6*7))\n" },
       { wait = "restored-42", send = "poweroff\n" },
     }, 120)
-    io.stderr:write(("[snapshot_spec] spawn to the restored shell's answer: %.1f s\n"):format(at2[2]))
+    io.stderr:write(("[snapshot_spec] spawn to the restored shell's answer: %.1f s\n"):format(at2[2] or -1))
     assert.equal(0, code2, "the restored run did not power off")
     assert.matches("restored-42", out2, 1, true)
     assert.not_matches("LUAKVM-INIT-OK", out2, 1, true)   -- it did not boot again
