@@ -9,6 +9,7 @@ A guest memory region (a KVM memory slot), made by `vm:memory{...}`.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -136,6 +137,7 @@ int l_vm_memory(lua_State *L) {
   m->size = size;
   m->slot = (uint32_t)slot;
   m->flags = r.flags;
+  m->logging = dirty;
   vm->regions[slot] = m;
   /* the VM keeps its memories alive: dropping the handle must not unmap RAM */
   lua_getiuservalue(L, 1, 1);
@@ -167,6 +169,8 @@ static int l_mem_close(lua_State *L) {
   if (vm->regions[m->slot] == m) vm->regions[m->slot] = NULL;
   munmap(m->host, m->size);
   m->host = NULL;
+  free(m->vmm_dirty);
+  m->vmm_dirty = NULL;
   if (lua_getiuservalue(L, 1, 1) == LUA_TUSERDATA &&
       lua_getiuservalue(L, -1, 1) == LUA_TTABLE &&
       lua_getfield(L, -1, "memories") == LUA_TTABLE) {
@@ -198,6 +202,7 @@ static uint8_t *span(lua_State *L, Memory *m, int offarg, lua_Integer off, lua_I
   if (len < 0) luaL_argerror(L, offarg + 1, "negative length");
   if (__builtin_add_overflow((uint64_t)off, (uint64_t)len, &end) || end > m->size)
     luaL_error(L, "range %s+%s is outside the region (size %s)", kvm_pushhex(L, (uint64_t)(off)), kvm_pushhex(L, (uint64_t)(len)), kvm_pushhex(L, (uint64_t)(m->size)));
+  kvm_mem_mark(m, (uint64_t)off, (uint64_t)len);   /* callers may write through it */
   return m->host + off;
 }
 
@@ -314,6 +319,7 @@ static int l_mem_load(lua_State *L) {
     return 3;
   }
   uint64_t done = 0;
+  kvm_mem_mark(m, (uint64_t)off, len);
   while (done < len) {
     ssize_t n = pread(fd, m->host + off + done, len - done, (off_t)(foff + done));
     if (n < 0 && errno == EINTR) continue;
@@ -348,6 +354,9 @@ static int l_mem_dirty_pages(lua_State *L) {
   dl.slot = m->slot;
   dl.dirty_bitmap = bm;
   if (ioctl(m->vm->fd, KVM_GET_DIRTY_LOG, &dl) < 0) return kvm_fail(L, "KVM_GET_DIRTY_LOG");
+  if (m->vmm_dirty)   /* the log is cleared: a snapshot restore must still see these */
+    for (size_t w = 0; w < words; w++)
+      if (bm[w]) __atomic_fetch_or(&m->vmm_dirty[w], bm[w], __ATOMIC_RELAXED);
   lua_newtable(L);
   int k = 1;
   for (size_t w = 0; w < words; w++)

@@ -54,8 +54,10 @@ uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len) {
   for (int i = 0; i < KVM_MAX_REGIONS; i++) {
     Memory *m = vm->regions[i];
     if (m == NULL || m->host == NULL) continue;
-    if (gpa >= m->guest && end <= m->guest + m->size)
+    if (gpa >= m->guest && end <= m->guest + m->size) {
+      kvm_mem_mark(m, gpa - m->guest, len);   /* callers may write through it */
       return m->host + (gpa - m->guest);
+    }
   }
   return NULL;
 }

@@ -201,6 +201,7 @@ static int l_vm_pit(lua_State *L) {
   memset(&cfg, 0, sizeof cfg);
   cfg.flags = KVM_PIT_SPEAKER_DUMMY;
   if (ioctl(vm->fd, KVM_CREATE_PIT2, &cfg) < 0) return kvm_fail(L, "KVM_CREATE_PIT2");
+  vm->has_pit = 1;
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -371,6 +372,8 @@ static const luaL_Reg vm_methods[] = {
   {"virtio_console", l_vm_virtio_console},
   {"load_elf", kvm_elf_load},
   {"stats", l_vm_stats},
+  {"snapshot", l_vm_snapshot},
+  {"restore", l_vm_restore},
   {"regions", l_vm_regions},
   {NULL, NULL}
 };
