@@ -413,7 +413,6 @@ static int legacy_access(Device *d, BusCall *bc, uint64_t addr, int is_write, un
 
 static int legacy_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   Legacy *lg = (Legacy *)d;
-  pthread_mutex_lock(&d->lock);
   snapbuf_u32(b, LEGACY_SNAP_VERSION);
   snapbuf_u32(b, lg->parts);
   const uint8_t kbd[6] = { lg->port61, lg->i8042_cmd, lg->i8042_status, lg->i8042_out,
@@ -432,7 +431,6 @@ static int legacy_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   snapbuf_u32(b, lg->pci_addr);
   snapbuf_u8(b, lg->pci_rcr);
   snapbuf_u8(b, lg->post_last);
-  pthread_mutex_unlock(&d->lock);
   return snapdev_saved(b, err, errlen);
 }
 
@@ -469,7 +467,6 @@ static int legacy_restore(Device *d, const uint8_t *p, size_t n, int apply, char
   if (rcr & ~0x0a) return snapdev_fail(err, errlen, "reset control 0x%02x (bits 3, 1 only)", rcr);
   if (!apply) return 0;
 
-  pthread_mutex_lock(&d->lock);
   lg->port61 = kbd[0];
   lg->i8042_cmd = kbd[1];
   lg->i8042_status = kbd[2];
@@ -493,7 +490,6 @@ static int legacy_restore(Device *d, const uint8_t *p, size_t n, int apply, char
   kbd_update_irq(lg);
   if (lg->irq1_level < 0) lg->irq1_level = 0;
   if (lg->irq12_level < 0) lg->irq12_level = 0;
-  pthread_mutex_unlock(&d->lock);
   return 0;
 }
 

@@ -77,7 +77,6 @@ static void power_stats(Device *d, lua_State *L) {
 
 static int power_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   Power *pw = (Power *)d;
-  pthread_mutex_lock(&d->lock);
   snapbuf_u32(b, POWER_SNAP_VERSION);
   snapbuf_u32(b, pw->evt);
   snapbuf_u32(b, pw->cnt);
@@ -85,7 +84,6 @@ static int power_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   snapbuf_u16(b, pw->sts);
   snapbuf_u16(b, pw->en);
   snapbuf_u16(b, pw->ctl);
-  pthread_mutex_unlock(&d->lock);
   return snapdev_saved(b, err, errlen);
 }
 
@@ -104,11 +102,9 @@ static int power_restore(Device *d, const uint8_t *p, size_t n, int apply, char 
   if (!(ctl & SCI_EN) || (ctl & SLP_EN))
     return snapdev_fail(err, errlen, "PM1a_CNT 0x%04x (SCI_EN always set, SLP_EN never)", ctl);
   if (!apply) return 0;
-  pthread_mutex_lock(&d->lock);
   pw->sts = sts;
   pw->en = en;
   pw->ctl = ctl;
-  pthread_mutex_unlock(&d->lock);
   return 0;
 }
 

@@ -6,7 +6,8 @@
 ** A device's state is a version (u32) and then fields in the device's own
 ** order, host byte order (x86-64: little-endian), with no padding. Its
 ** restore reads it back with a SnapRd and checks every field before it
-** changes anything: the bytes come from a file and are untrusted. A check
+** changes anything: the bytes come from a file and are untrusted. Both are
+** called with the device's lock held (vm:snapshot and vm:restore take it). A check
 ** fails with a message naming the field and the value, without the device
 ** (vm:restore says which device it was).
 */

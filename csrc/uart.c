@@ -398,7 +398,6 @@ static void uart_stats(Device *d, lua_State *L) {
 
 static int uart_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   Uart *s = (Uart *)d;
-  pthread_mutex_lock(&d->lock);
   snapbuf_u32(b, UART_SNAP_VERSION);
   snapbuf_u32(b, s->port);
   snapbuf_u32(b, (uint32_t)s->irq);
@@ -409,7 +408,6 @@ static int uart_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   for (int i = 0; i < s->rx_count; i++) snapbuf_u8(b, s->rx[(s->rx_head + i) % UART_FIFO]);
   snapbuf_u8(b, (uint8_t)s->held_len);
   snapbuf_put(b, s->held, (size_t)s->held_len);
-  pthread_mutex_unlock(&d->lock);
   return snapdev_saved(b, err, errlen);
 }
 
@@ -449,7 +447,6 @@ static int uart_restore(Device *d, const uint8_t *p, size_t n, int apply, char *
     return snapdev_fail(err, errlen, "receive FIFO holds %u bytes with the FIFO off (at most 1)", rx_count);
   if (!apply) return 0;
 
-  pthread_mutex_lock(&d->lock);
   s->ier = regs[IER]; s->fcr = regs[FCR]; s->lcr = regs[LCR]; s->mcr = regs[MCR];
   s->lsr = regs[LSR]; s->msr = regs[MSR]; s->scr = regs[SCR]; s->dll = regs[DLL];
   s->dlm = regs[DLM]; s->rbr = regs[RBR];
@@ -466,7 +463,6 @@ static int uart_restore(Device *d, const uint8_t *p, size_t n, int apply, char *
   s->iir = (uint8_t)(pend | (fifo_on(s) ? IIR_FIFO : 0));
   int level = pend != IIR_NONE && (s->mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2;
   s->irq_level = kvm_irq_line(s->dev.vm, s->irq, level) == 0 ? level : 0;
-  pthread_mutex_unlock(&d->lock);
   return 0;
 }
 

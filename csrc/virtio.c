@@ -407,7 +407,6 @@ typedef struct VirtioSnap {
 int virtio_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
   Virtio *v = (Virtio *)d;
   int st = 0;
-  pthread_mutex_lock(&d->lock);
   snapbuf_u32(b, VIRTIO_SNAP_VERSION);
   snapbuf_u32(b, v->type->device_id);
   snapbuf_u32(b, (uint32_t)v->type->nqueues);
@@ -450,7 +449,6 @@ int virtio_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
       memcpy(b->p + len_at, &len, 4);
     }
   }
-  pthread_mutex_unlock(&d->lock);
   return st < 0 ? -1 : snapdev_saved(b, err, errlen);
 }
 
@@ -534,7 +532,6 @@ int virtio_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, 
   memset(&t, 0, sizeof t);
   if (snap_read(v, p, n, &t, err, errlen) < 0) return -1;
   if (!apply) return 0;
-  pthread_mutex_lock(&d->lock);
   v->driver_features = t.driver_features;
   v->dev_feat_sel = t.dev_feat_sel;
   v->drv_feat_sel = t.drv_feat_sel;
@@ -559,7 +556,6 @@ int virtio_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, 
   /* the line at InterruptStatus' level, whatever it was */
   int level = v->isr != 0;
   v->irq_level = kvm_irq_line(v->dev.vm, v->irq, level) == 0 ? level : 0;
-  pthread_mutex_unlock(&d->lock);
   return 0;
 }
 
