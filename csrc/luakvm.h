@@ -124,6 +124,8 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg);
 Vcpu *kvm_checkvcpu_still(lua_State *L, int arg);
 /* host pointer for [gpa, gpa+len) when one region holds it all, else NULL */
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
+/* ... to write through: the pages are marked for a snapshot restore (kvm_mem_mark) */
+uint8_t *kvm_gpa_wptr(Vm *vm, uint64_t gpa, uint64_t len);
 
 int kvm_checkcap(lua_State *L, int arg);
 /* t[k] += n for the table on the stack top (a counter several devices add to) */

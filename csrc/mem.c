@@ -196,20 +196,21 @@ static int l_mem_tostring(lua_State *L) {
 }
 
 /* [off, off+len) inside the region, else raise */
-static uint8_t *span(lua_State *L, Memory *m, int offarg, lua_Integer off, lua_Integer len) {
+static uint8_t *span(lua_State *L, Memory *m, int offarg, lua_Integer off, lua_Integer len,
+                     int write) {
   uint64_t end;
   if (off < 0) luaL_argerror(L, offarg, "negative offset");
   if (len < 0) luaL_argerror(L, offarg + 1, "negative length");
   if (__builtin_add_overflow((uint64_t)off, (uint64_t)len, &end) || end > m->size)
     luaL_error(L, "range %s+%s is outside the region (size %s)", kvm_pushhex(L, (uint64_t)(off)), kvm_pushhex(L, (uint64_t)(len)), kvm_pushhex(L, (uint64_t)(m->size)));
-  kvm_mem_mark(m, (uint64_t)off, (uint64_t)len);   /* callers may write through it */
+  if (write) kvm_mem_mark(m, (uint64_t)off, (uint64_t)len);   /* for a snapshot restore */
   return m->host + off;
 }
 
 static int l_mem_read(lua_State *L) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2), len = luaL_checkinteger(L, 3);
-  uint8_t *p = span(L, m, 2, off, len);
+  uint8_t *p = span(L, m, 2, off, len, 0);
   lua_pushlstring(L, (const char *)p, (size_t)len);
   return 1;
 }
@@ -219,7 +220,7 @@ static int l_mem_write(lua_State *L) {
   lua_Integer off = luaL_checkinteger(L, 2);
   size_t len;
   const char *s = luaL_checklstring(L, 3, &len);
-  uint8_t *p = span(L, m, 2, off, (lua_Integer)len);
+  uint8_t *p = span(L, m, 2, off, (lua_Integer)len, 1);
   memcpy(p, s, len);
   return 0;
 }
@@ -231,7 +232,7 @@ static int l_mem_fill(lua_State *L) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2), len = luaL_checkinteger(L, 3);
   int byte = (int)kvm_checkrange(L, 4, 0, 255, "byte");
-  uint8_t *p = span(L, m, 2, off, len);
+  uint8_t *p = span(L, m, 2, off, len, 1);
   memset(p, byte, (size_t)len);
   return 0;
 }
@@ -256,7 +257,7 @@ int kvm_mem_access(lua_State *L, uint8_t *p, int width, int valarg) {
 static int mem_uN(lua_State *L, int width) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2);
-  return kvm_mem_access(L, span(L, m, 2, off, width), width, 3);
+  return kvm_mem_access(L, span(L, m, 2, off, width, !lua_isnoneornil(L, 3)), width, 3);
 }
 static int l_mem_u8(lua_State *L) { return mem_uN(L, 1); }
 static int l_mem_u16(lua_State *L) { return mem_uN(L, 2); }

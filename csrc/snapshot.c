@@ -704,6 +704,9 @@ static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, con
 /* a vCPU's state, in Firecracker's order: the LAPIC before the MSRs (the
    TSC deadline needs its timer mode), events last */
 static int put_vcpu(Vcpu *c, const Recs *r, size_t xsz, const char **what, uint8_t *scratch) {
+  *what = "records missing";     /* checked before (check_vcpu, or made by save_vcpu) */
+  errno = EINVAL;
+  if (!r->p[SNAP_R_EVENTS] || !r->p[SNAP_R_MSRS] || !r->p[SNAP_R_CPUID]) return -1;
   *what = "KVM_RUN (to finish an access)";
   if (settle(c) < 0) return -1;
   if (c->seq == 0 && r->len[SNAP_R_CPUID]) {   /* CPUID may change only before the first KVM_RUN */
@@ -758,6 +761,7 @@ static int put_vm(Vm *vm, const Recs *r, const char **what) {
     return -1;
   }
   struct kvm_clock_data clk;
+  if (r->p[SNAP_R_CLOCK] == NULL) { *what = "no clock"; errno = EINVAL; return -1; }
   memcpy(&clk, r->p[SNAP_R_CLOCK], sizeof clk);
   clk.flags = 0;                 /* the clock goes on from the value saved */
   memset(clk.pad, 0, sizeof clk.pad);

@@ -153,7 +153,7 @@ static int walk_chain(Virtio *v, const uint8_t *desc, uint32_t num, uint16_t hea
     if (flags & VIRTQ_DESC_F_INDIRECT) return fail(v, "an indirect descriptor (not offered)");
     int w = (flags & VIRTQ_DESC_F_WRITE) != 0;
     if (!w && c->wlen > 0) return fail(v, "a readable descriptor after a writable one");
-    uint8_t *p = kvm_gpa_ptr(vm, addr, len);
+    uint8_t *p = w ? kvm_gpa_wptr(vm, addr, len) : kvm_gpa_ptr(vm, addr, len);
     if (p == NULL) return fail(v, "a buffer outside guest memory");
     c->seg[c->n].p = p;
     c->seg[c->n].len = len;
@@ -174,7 +174,7 @@ int virtio_queue_process(Virtio *v, int qi) {
   /* looked up at every notify: guest memory may have changed since ready */
   const uint8_t *desc = kvm_gpa_ptr(vm, q->desc, 16ull * num);
   uint8_t *avail = kvm_gpa_ptr(vm, q->avail, 6 + 2ull * num);
-  uint8_t *used = kvm_gpa_ptr(vm, q->used, 6 + 8ull * num);
+  uint8_t *used = kvm_gpa_wptr(vm, q->used, 6 + 8ull * num);
   if (!desc || !avail || !used) return fail(v, "a ring outside guest memory");
   uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
   if ((uint16_t)(avail_idx - q->last_avail) > num)
