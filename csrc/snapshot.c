@@ -1136,4 +1136,5 @@ void kvm_open_snapshot(lua_State *L) {
     {NULL, NULL}
   };
   kvm_new_class(L, SNAPSHOT_MT, snap_methods, meta);
+  kvm_open_snapfile(L);
 }
