@@ -52,7 +52,7 @@ static inline int snapdev_version(SnapRd *r, uint32_t want, char *err, size_t er
 static inline int snapdev_end(const SnapRd *r, char *err, size_t errlen) {
   if (r->bad) return snapdev_fail(err, errlen, "state truncated (%zu bytes)", r->n);
   if (r->off != r->n)
-    return snapdev_fail(err, errlen, "%zu bytes left over after the state's %zu", r->n - r->off, r->off);
+    return snapdev_fail(err, errlen, "state of %zu bytes, %zu more than its fields", r->n, r->n - r->off);
   return 0;
 }
 

@@ -159,6 +159,54 @@ local function driver(vm, dev)
   return q
 end
 
+-- A snapshot file with one device's state changed, every checksum right:
+-- saves snap, hands the device section's payload to change(state) and
+-- writes what it returns, then loads it back (kvm.load_snapshot).
+local function edited(snap, name, change)
+  local kvm = require "kvm"
+  local build = require "snapfile_build"
+  local path = os.tmpname()
+  tmp[#tmp + 1] = path
+  assert(snap:save(path))
+  local f = assert(io.open(path, "rb"))
+  local bytes = f:read("a")
+  f:close()
+  local out, off, found = { bytes:sub(1, build.HDR_LEN) }, build.HDR_LEN, false
+  while true do
+    local h = bytes:sub(off + 1, off + build.SEC_LEN)
+    local kind, id, sname, addr, len = string.unpack("<I4I4c32I8I8", h)
+    local payload = bytes:sub(off + build.SEC_LEN + 1, off + build.SEC_LEN + len)
+    if kind == build.KIND.device and sname:match("^[^%z]*") == name then
+      payload = change(payload)
+      found = true
+      h = string.pack("<I4I4c32I8I8I4", kind, id, sname, addr, #payload, build.crc32c(payload))
+      h = h .. string.pack("<I4", build.crc32c(h))
+    end
+    out[#out + 1] = h .. payload
+    off = off + build.SEC_LEN + len
+    if kind == build.KIND.END then break end
+  end
+  assert(found, "no device " .. name .. " in the file")
+  local file = table.concat(out)
+  local hdr = file:sub(1, 20) .. string.pack("<I4I8", 0, #file) .. file:sub(33, build.HDR_LEN)
+  hdr = hdr:sub(1, 20) .. string.pack("<I4", build.crc32c(hdr)) .. hdr:sub(25)
+  f = assert(io.open(path, "wb"))
+  f:write(hdr, file:sub(build.HDR_LEN + 1))
+  f:close()
+  local loaded, err = kvm.load_snapshot(path)
+  assert(loaded, err)
+  return loaded
+end
+
+-- the state with the bytes at offset `at` (0-based) replaced by `v` (a
+-- string), or cut to `at` bytes (v == nil)
+local function poke(at, v)
+  return function(state)
+    if v == nil then return state:sub(1, at) end
+    return state:sub(1, at) .. v .. state:sub(at + #v + 1)
+  end
+end
+
 describe("snapshots of devices #guest", function()
   describe("16550A UART", function()
     it("reads back every register as at the snapshot", function()
@@ -411,6 +459,118 @@ describe("snapshots of devices #guest", function()
         assert.equal("vm:restore: device virtio-blk at MMIO 0xfeb00000: " .. case[2], err)
         assert.same(before, dev2:info())
       end
+    end)
+  end)
+
+  describe("a corrupt device state in a snapshot file", function()
+    local u8, u16, u32 = function(v) return string.pack("<I1", v) end, function(v) return string.pack("<I2", v) end,
+      function(v) return string.pack("<I4", v) end
+    -- {name, its claim, a change, the message}; the UART's state: version, port, irq, IER FCR LCR MCR
+    -- LSR MSR SCR DLL DLM RBR THRI polls (offsets 12-23), the FIFO's count (24) and bytes, the held
+    -- typeahead's; the power device's: version, evt, cnt, s5, STS EN CNT (16, 18, 20); the legacy
+    -- ports': version, parts, 0x61 and the i8042's five (8-13), the queue's count (14, and 2 bytes an
+    -- entry; empty here), CMOS index (15), NMI mask (16), RAM, the clock's offset (145, s64)
+    local cases = {
+      { "serial", "port 0x3f8", poke(0, u32(2)), "state version 2 (this build reads 1)" },
+      { "serial", "port 0x3f8", poke(2), "state of 2 bytes, too short for a version" },
+      { "serial", "port 0x3f8", poke(25), "state truncated (25 bytes)" },
+      { "serial", "port 0x3f8", function(st) return st .. "x" end, "state of 27 bytes, 1 more than its fields" },
+      { "serial", "port 0x3f8", poke(24, u8(17)), "receive FIFO holds 17 bytes (at most 16)" },
+      { "serial", "port 0x3f8", poke(24, u8(2) .. "ab\0"), "receive FIFO holds 2 bytes with the FIFO off (at most 1)" },
+      { "serial", "port 0x3f8", poke(25, u8(33)), "33 bytes of typeahead held (at most 32)" },
+      { "serial", "port 0x3f8", poke(12, u8(0xff)), "IER 0xff (bits 3-0 only)" },
+      { "serial", "port 0x3f8", poke(13, u8(0x06)), "FCR 0x06 (0, or FIFO enable with bits 7, 6, 3)" },
+      { "serial", "port 0x3f8", poke(15, u8(0x20)), "MCR 0x20 (bits 4-0 only)" },
+      { "serial", "port 0x3f8", poke(16, u8(0x21)), "LSR 0x21 (only the error bits are kept)" },
+      { "serial", "port 0x3f8", poke(22, u8(2)), "THR-empty pending 2 (0 or 1)" },
+      { "serial", "port 0x3f8", poke(23, u8(9)), "9 LSR polls in a row (at most 8)" },
+      { "serial", "port 0x3f8", poke(4, u32(0x2f8)), "a UART at port 0x2f8, this one is at 0x3f8" },
+      { "legacy", "port 0x60", poke(14, u8(9)), "i8042 queue holds 9 bytes (at most 8)" },
+      { "legacy", "port 0x60", poke(14, u8(1) .. "\x55\x04"), "i8042 queue entry 0 has flags 0x4 (0-3)" },
+      { "legacy", "port 0x60", poke(15, u8(0x80)), "CMOS index 0x80 (0-0x7f)" },
+      { "legacy", "port 0x60", poke(16, u8(2)), "CMOS NMI mask 2 (0 or 1)" },
+      { "legacy", "port 0x60", poke(145, string.pack("<i8", math.mininteger)),
+        "clock offset -9223372036854775808 s (at most 2^40)" },
+      { "legacy", "port 0x60", poke(157, u8(0x04)), "reset control 0x04 (bits 3, 1 only)" },
+      { "power", "port 0x600", poke(20, u16(0)), "PM1a_CNT 0x0000 (SCI_EN always set, SLP_EN never)" },
+      { "power", "port 0x600", poke(20, u16(0x2001)), "PM1a_CNT 0x2001 (SCI_EN always set, SLP_EN never)" },
+      { "debugcon", "port 0xe9", poke(4, u32(0xea)), "a debug console at port 0xea, this one is at 0xe9" },
+      { "debug_exit", "port 0x501", function(st) return st .. "\0" end, "state of 5 bytes, 1 more than its fields" },
+    }
+    for _, case in ipairs(cases) do
+      it(("%s: %s"):format(case[1], case[4]), function()
+        support.need_kvm()
+        local vm <close>, cpu = pio_vm(function(v)
+          v:serial{ output = false }
+          v:legacy_ports()
+          v:power()
+          v:debugcon{ output = false }
+        end)
+        local snap = edited(snapshot(vm), case[1], case[3])
+        ports(vm, cpu, { { "out", COM + SCR, 0x42 }, { "out", 0x70, 0x0e }, { "out", 0x71, 0x24 },
+                         { "out", 0x602, 0x20 } })
+        local ok, err = vm:restore(snap)
+        assert.is_nil(ok)
+        assert.equal(("vm:restore: device %s at %s: %s"):format(case[1], case[2], case[4]), err)
+        -- nothing changed: the devices, memory (the script is still there)
+        assert.same({ 0x42, 0x24, 0x20 }, ports(vm, cpu, { { "in", COM + SCR }, { "out", 0x70, 0x0e },
+                                                            { "in", 0x71 }, { "in", 0x602 } }))
+      end)
+    end
+
+    -- the virtio transport's state: version, device id, queues, irq (0-15), features offered
+    -- (16) and accepted (24), the three selectors (32-43), status (44), ISR (48), config
+    -- generation (52), config space (56-311), the error's length (312) and bytes, per queue
+    -- num, ready, desc, avail, used, last_avail, used_idx (313 on, with no error), then the
+    -- type's length and state (virtio-blk: version, sectors, read-only)
+    local vcases = {
+      { poke(4, u32(4)), "virtio device 4 with 1 queues, this one is device 2 with 1" },
+      { poke(12, u32(5)), "a device on IRQ 5, this one is on IRQ 16" },
+      { poke(16, string.pack("<I8", 1 << 32)), "features 0x100000000 offered, this device offers 0x100000204" },
+      { poke(44, u32(0x100)), "status 0x100 (a byte)" },
+      { poke(24, string.pack("<I8", 1 << 40)), "FEATURES_OK with features 0x10000000000 accepted of 0x100000204 offered" },
+      { poke(48, u32(4)), "InterruptStatus 0x4 (bits 1-0 only)" },
+      { poke(44, u32(15 | 64)), "DEVICE_NEEDS_RESET set without a message why" },
+      { function(st) return poke(44, u32(15 | 64))(st):sub(1, 312) .. "\3a\nb" .. st:sub(314) end,
+        "a byte 0x0a in the error message" },
+      { function(st) return st:sub(1, 312) .. "\3why" .. st:sub(314) end,
+        "DEVICE_NEEDS_RESET clear with a message why" },
+      { poke(312, u8(96)), "an error message of 96 bytes (at most 95)" },
+      { poke(313, u32(512)), "queue 0: QueueNum is not a power of two up to QueueNumMax" },
+      { poke(313, u32(6)), "queue 0: QueueNum is not a power of two up to QueueNumMax" },
+      { poke(317, u32(2)), "queue 0: QueueReady is neither 0 nor 1" },
+      { poke(321, string.pack("<I8", DESC + 8)), "queue 0: a ring is misaligned" },
+      { poke(349, u32(17)), "the device type's state of 17 bytes runs past the state's end" },
+      { poke(357, string.pack("<I8", 9)), "a disk of 9 sectors, this one has 8" },
+      { poke(365, u32(2)), "a read-only disk, this one is read-write" },
+      { poke(353, u32(7)), "state version 7 (this build reads 1)" },
+    }
+    for _, case in ipairs(vcases) do
+      it("virtio-blk: " .. case[2], function()
+        support.need_kvm()
+        local vm <close>, dev = virtio_vm(function(v) return v:virtio_blk{ path = image(8) } end)
+        local q = driver(vm, dev)
+        assert.equal(0, q.read_sector(1))
+        local snap = edited(snapshot(vm), "virtio-blk", case[1])
+        w(dev, V.STATUS, 0)
+        local before = dev:info()
+        local ok, err = vm:restore(snap)
+        assert.is_nil(ok)
+        assert.equal("vm:restore: device virtio-blk at MMIO 0xfeb00000: " .. case[2], err)
+        assert.same(before, dev:info())
+      end)
+    end
+
+    it("an unchanged file restores", function()
+      support.need_kvm()
+      local vm <close>, dev = virtio_vm(function(v) return v:virtio_blk{ path = image(8) } end)
+      local q = driver(vm, dev)
+      assert.equal(0, q.read_sector(1))
+      local info = dev:info()
+      local snap = edited(snapshot(vm), "virtio-blk", function(st) return st end)
+      w(dev, V.STATUS, 0)
+      restore(vm, snap)
+      assert.same(info, dev:info())
     end)
   end)
 end)
