@@ -561,6 +561,22 @@ describe("snapshots of devices #guest", function()
       end)
     end
 
+    it("a ready queue's rings outside guest memory: restored, then the device needs a reset", function()
+      support.need_kvm()
+      local vm <close>, dev = virtio_vm(function(v) return v:virtio_blk{ path = image(8) } end)
+      local q = driver(vm, dev)
+      assert.equal(0, q.read_sector(1))
+      w(dev, V.ACK, 1)
+      local snap = edited(snapshot(vm), "virtio-blk", poke(321, string.pack("<I8", 1 << 20)))
+      restore(vm, snap)
+      local info = dev:info()
+      assert.same({ "a ring outside guest memory", NEEDS_RESET, false, 1 << 20 },
+                  { info.error, info.status & NEEDS_RESET, info.queues[1].ready, info.queues[1].desc })
+      assert.equal(2, r(dev, V.ISR))             -- the configuration-change interrupt
+      q.idx = 1
+      assert.equal(0xee, q.read_sector(2))       -- no more requests taken
+    end)
+
     it("an unchanged file restores", function()
       support.need_kvm()
       local vm <close>, dev = virtio_vm(function(v) return v:virtio_blk{ path = image(8) } end)
