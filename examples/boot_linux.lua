@@ -119,7 +119,12 @@ if args.version then
   io.stdout:write(me, " (luakvm) ", require("kvm.core")._VERSION, "\n")
   os.exit(0)
 end
-if args.restore and args[1] then usage("--restore FILE takes no KERNEL: the file names it") end
+if args.restore then
+  if args[1] then usage("--restore FILE takes no KERNEL: the file names it") end
+  for _, o in ipairs{ "initrd", "mem", "cpus", "cmdline", "append", "disk", "rng" } do
+    if args[o] then usage("--restore FILE takes no --" .. o .. ": the machine is the one saved") end
+  end
+end
 if not args[1] and not args.restore then usage("no kernel given") end
 if args["save-at"] and args["save-at"][1] == "" then usage("--save-at: the text to wait for is empty") end
 if args.mem and (args.mem < 16 << 20 or args.mem % (2 << 20) ~= 0) then
