@@ -408,6 +408,20 @@ describe("snapshots of devices #guest", function()
       assert.same({ 3, 3 }, { dev:info().queues[1].last_avail, dev:info().queues[1].used_idx })
     end)
 
+    it("drives its interrupt line to the restored ISR's level: the next request interrupts again", function()
+      support.need_kvm()
+      local vm <close>, dev = virtio_vm(function(v) return v:virtio_rng() end)
+      local q = driver(vm, dev)
+      local snap = snapshot(vm)                  -- ISR 0, the line low
+      q.submit{ { BUF, 16, WRITE } }
+      assert.same({ 1, 1 }, { r(dev, V.ISR), vm:stats().virtio_irqs })   -- the line went high
+      restore(vm, snap)
+      assert.equal(0, r(dev, V.ISR))
+      q.idx = 0
+      q.submit{ { BUF, 16, WRITE } }
+      assert.same({ 1, 2 }, { r(dev, V.ISR), vm:stats().virtio_irqs })   -- and high again: a new edge
+    end)
+
     for _, kind in ipairs{ "virtio_blk", "virtio_rng", "virtio_console" } do
       it(kind .. ": the transport (status, features, queue) comes back after a reset", function()
         support.need_kvm()
