@@ -26,10 +26,11 @@ local function pio_vm(setup)
   end })
 end
 
-local OPS = { out = 1, ["in"] = 2, outl = 3, inl = 4 }
+local OPS = { out = 1, ["in"] = 2, outl = 3, inl = 4, window = 5 }
 
 -- Run one list of port accesses: {"out", port, value}, {"in", port},
--- {"outl", port, value}, {"inl", port}. Returns what the ins read, in order.
+-- {"outl", port, value}, {"inl", port}, and {"window", 0}: interrupts on for
+-- a moment. Returns what the ins read, in order.
 local function ports(vm, cpu, list)
   local t = {}
   for i, op in ipairs(list) do
@@ -279,6 +280,26 @@ describe("snapshots of devices #guest", function()
       assert.equal("23456789ABCDEF", drained(ports(vm, cpu, drain_ops(24))))
       wr:close()
       rd:close()
+    end)
+
+    it("drives IRQ 4 to the restored level: the next THR-empty interrupt arrives", function()
+      support.need_kvm()
+      local vm <close>, cpu = pio_vm(function(v) v:serial{ output = false } end)
+      vm:write(0x30, string.pack("<I2I2", support.BASE + 0x100, 0))   -- IVT 0x0c (IRQ 4): the counter
+      vm:write(0x5000, "\0\0")
+      ports(vm, cpu, {
+        { "out", 0x20, 0x11 }, { "out", 0x21, 0x08 }, { "out", 0x21, 0x04 }, { "out", 0x21, 0x01 },
+        { "out", 0x21, 0xef },                           -- the 8259: vectors 8-15, only IRQ 4 on
+        { "out", COM + MCR, 0x08 },                      -- OUT2: the line is the UART's
+      })
+      local snap = snapshot(vm)                          -- IER 0: the line low
+      local enable = { { "out", COM + IER, 0x02 }, { "window", 0 } }
+      ports(vm, cpu, enable)
+      assert.equal(1, vm:u16(0x5000))                    -- THR empty: the line went high
+      restore(vm, snap)
+      assert.equal(0, vm:u16(0x5000))
+      ports(vm, cpu, enable)
+      assert.equal(1, vm:u16(0x5000))                    -- low after the restore, so high again is an edge
     end)
 
     it("is refused by a UART on another IRQ, which keeps its state", function()
