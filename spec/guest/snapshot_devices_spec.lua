@@ -349,6 +349,24 @@ describe("snapshots of devices #guest", function()
       assert.same(at_snap, ports(vm, cpu, read))
     end)
 
+    it("drive IRQ 1 to the restored level: the next i8042 byte interrupts", function()
+      support.need_kvm()
+      local vm <close>, cpu = pio_vm(function(v) v:legacy_ports() end)
+      vm:write(0x24, string.pack("<I2I2", support.BASE + 0x100, 0))   -- IVT 9 (IRQ 1): the counter
+      vm:write(0x5000, "\0\0")
+      ports(vm, cpu, { { "out", 0x20, 0x11 }, { "out", 0x21, 0x08 }, { "out", 0x21, 0x04 },
+                       { "out", 0x21, 0x01 }, { "out", 0x21, 0xfd } })   -- only IRQ 1 on
+      local snap = snapshot(vm)                          -- nothing queued: the line low
+      local self_test = { { "out", 0x64, 0xaa }, { "window", 0 } }
+      ports(vm, cpu, self_test)
+      assert.equal(1, vm:u16(0x5000))
+      restore(vm, snap)
+      assert.equal(0, vm:u16(0x5000))
+      ports(vm, cpu, self_test)
+      assert.equal(1, vm:u16(0x5000))
+      assert.same({ 0x55 }, ports(vm, cpu, { { "in", 0x60 } }))
+    end)
+
     it("are refused by legacy ports with other parts", function()
       support.need_kvm()
       local vm <close> = pio_vm(function(v) v:legacy_ports() end)
