@@ -378,11 +378,13 @@ void virtio_stats(Device *d, lua_State *L) {
    accepted (u64 each), the three selectors, status, InterruptStatus and the
    config generation (u32 each), the config space (VIRTIO_CONFIG_MAX bytes),
    why the device needs a reset (a length byte and the message, printable
-   ASCII; 0: it does not), then per queue QueueNum and QueueReady (u32), the desc, avail and
-   used rings' addresses (u64) and the next avail and used entries (u16);
-   last the type's state (a u32 length and its bytes, 0 when it keeps none).
-   The base is where the device was found; the IRQ line follows InterruptStatus.
-   The counters are vm:stats', not the device's.
+   ASCII; 0: it does not), then per queue QueueNum and QueueReady (u32), the
+   desc, avail and used rings' addresses (u64) and the next avail and used
+   entries (u16); last the type's state (a u32 length and its bytes, 0 when
+   it keeps none). The base is where the device was found; the IRQ line
+   follows InterruptStatus and is driven to its level on a restore; a ready
+   queue's rings are checked against guest memory again. The counters are
+   vm:stats', not the device's.
 
    What a driver may set to anything is taken as it is: the selectors (a read
    through one past the end gives 0), a queue's QueueNum and rings while it is

@@ -26,10 +26,11 @@ local function pio_vm(setup)
   end })
 end
 
-local OPS = { out = 1, ["in"] = 2, outl = 3, inl = 4 }
+local OPS = { out = 1, ["in"] = 2, outl = 3, inl = 4, window = 5 }
 
 -- Run one list of port accesses: {"out", port, value}, {"in", port},
--- {"outl", port, value}, {"inl", port}. Returns what the ins read, in order.
+-- {"outl", port, value}, {"inl", port}, and {"window", 0}: interrupts on for
+-- a moment. Returns what the ins read, in order.
 local function ports(vm, cpu, list)
   local t = {}
   for i, op in ipairs(list) do
@@ -281,6 +282,26 @@ describe("snapshots of devices #guest", function()
       rd:close()
     end)
 
+    it("drives IRQ 4 to the restored level: the next THR-empty interrupt arrives", function()
+      support.need_kvm()
+      local vm <close>, cpu = pio_vm(function(v) v:serial{ output = false } end)
+      vm:write(0x30, string.pack("<I2I2", support.BASE + 0x100, 0))   -- IVT 0x0c (IRQ 4): the counter
+      vm:write(0x5000, "\0\0")
+      ports(vm, cpu, {
+        { "out", 0x20, 0x11 }, { "out", 0x21, 0x08 }, { "out", 0x21, 0x04 }, { "out", 0x21, 0x01 },
+        { "out", 0x21, 0xef },                           -- the 8259: vectors 8-15, only IRQ 4 on
+        { "out", COM + MCR, 0x08 },                      -- OUT2: the line is the UART's
+      })
+      local snap = snapshot(vm)                          -- IER 0: the line low
+      local enable = { { "out", COM + IER, 0x02 }, { "window", 0 } }
+      ports(vm, cpu, enable)
+      assert.equal(1, vm:u16(0x5000))                    -- THR empty: the line went high
+      restore(vm, snap)
+      assert.equal(0, vm:u16(0x5000))
+      ports(vm, cpu, enable)
+      assert.equal(1, vm:u16(0x5000))                    -- low after the restore, so high again is an edge
+    end)
+
     it("is refused by a UART on another IRQ, which keeps its state", function()
       support.need_kvm()
       local vm <close>, cpu = pio_vm(function(v) v:serial{ output = false } end)
@@ -326,6 +347,24 @@ describe("snapshots of devices #guest", function()
       })
       restore(vm, snap)
       assert.same(at_snap, ports(vm, cpu, read))
+    end)
+
+    it("drive IRQ 1 to the restored level: the next i8042 byte interrupts", function()
+      support.need_kvm()
+      local vm <close>, cpu = pio_vm(function(v) v:legacy_ports() end)
+      vm:write(0x24, string.pack("<I2I2", support.BASE + 0x100, 0))   -- IVT 9 (IRQ 1): the counter
+      vm:write(0x5000, "\0\0")
+      ports(vm, cpu, { { "out", 0x20, 0x11 }, { "out", 0x21, 0x08 }, { "out", 0x21, 0x04 },
+                       { "out", 0x21, 0x01 }, { "out", 0x21, 0xfd } })   -- only IRQ 1 on
+      local snap = snapshot(vm)                          -- nothing queued: the line low
+      local self_test = { { "out", 0x64, 0xaa }, { "window", 0 } }
+      ports(vm, cpu, self_test)
+      assert.equal(1, vm:u16(0x5000))
+      restore(vm, snap)
+      assert.equal(0, vm:u16(0x5000))
+      ports(vm, cpu, self_test)
+      assert.equal(1, vm:u16(0x5000))
+      assert.same({ 0x55 }, ports(vm, cpu, { { "in", 0x60 } }))
     end)
 
     it("are refused by legacy ports with other parts", function()
@@ -406,6 +445,20 @@ describe("snapshots of devices #guest", function()
       assert.equal(("G"):rep(512), vm:read(BUF + 0x100, 512))
       assert.same({ 3, 0, 513 }, { vm:u16(USED + 2), vm:u32(USED + 4 + 8 * 2), vm:u32(USED + 8 + 8 * 2) })
       assert.same({ 3, 3 }, { dev:info().queues[1].last_avail, dev:info().queues[1].used_idx })
+    end)
+
+    it("drives its interrupt line to the restored ISR's level: the next request interrupts again", function()
+      support.need_kvm()
+      local vm <close>, dev = virtio_vm(function(v) return v:virtio_rng() end)
+      local q = driver(vm, dev)
+      local snap = snapshot(vm)                  -- ISR 0, the line low
+      q.submit{ { BUF, 16, WRITE } }
+      assert.same({ 1, 1 }, { r(dev, V.ISR), vm:stats().virtio_irqs })   -- the line went high
+      restore(vm, snap)
+      assert.equal(0, r(dev, V.ISR))
+      q.idx = 0
+      q.submit{ { BUF, 16, WRITE } }
+      assert.same({ 1, 2 }, { r(dev, V.ISR), vm:stats().virtio_irqs })   -- and high again: a new edge
     end)
 
     for _, kind in ipairs{ "virtio_blk", "virtio_rng", "virtio_console" } do
