@@ -159,30 +159,29 @@ static int add_part(Snapshot *s, uint32_t kind, uint32_t id, const char *name, u
 }
 
 /* the MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST), once per process */
-static uint32_t *msr_list;
+#define MAX_MSRS 1024
+static uint32_t msr_list[MAX_MSRS];
 static uint32_t msr_count;
+static int msr_known;
 static pthread_mutex_t msr_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int get_msr_list(int kvm_fd) {
+  int r = 0;
   pthread_mutex_lock(&msr_lock);
-  if (msr_list == NULL) {
-    struct kvm_msr_list probe = {0};
-    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &probe) < 0 && errno != E2BIG) goto fail;
-    struct kvm_msr_list *l = calloc(1, sizeof *l + 4 * (size_t)probe.nmsrs);
-    if (l == NULL) { errno = ENOMEM; goto fail; }
-    l->nmsrs = probe.nmsrs;
-    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, l) < 0) { free(l); goto fail; }
-    msr_count = l->nmsrs;
-    msr_list = malloc(4 * (size_t)msr_count + 4);
-    if (msr_list == NULL) { free(l); errno = ENOMEM; goto fail; }
-    memcpy(msr_list, l->indices, 4 * (size_t)msr_count);
-    free(l);
+  if (!msr_known) {
+    struct { struct kvm_msr_list h; uint32_t idx[MAX_MSRS]; } l;
+    memset(&l, 0, sizeof l);
+    l.h.nmsrs = MAX_MSRS;
+    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &l) < 0) {
+      r = -1;                    /* E2BIG: more than MAX_MSRS, never seen */
+    } else {
+      msr_count = l.h.nmsrs;
+      memcpy(msr_list, l.idx, 4 * (size_t)msr_count);
+      msr_known = 1;
+    }
   }
   pthread_mutex_unlock(&msr_lock);
-  return 0;
-fail:
-  pthread_mutex_unlock(&msr_lock);
-  return -1;
+  return r;
 }
 
 /* bytes of KVM_GET_XSAVE2's buffer (KVM_CAP_XSAVE2), 4096 for KVM_GET_XSAVE,
