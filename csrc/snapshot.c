@@ -710,7 +710,7 @@ static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, con
     memmove(ms->entries, ms->entries + set + 1, sizeof(struct kvm_msr_entry) * m);
   }
   if (held.h.nmsrs) {            /* still the values saved? */
-    uint64_t want[4];
+    uint64_t want[4] = {0};
     for (uint32_t k = 0; k < held.h.nmsrs; k++) want[k] = held.e[k].data;
     int got = ioctl(c->fd, KVM_GET_MSRS, &held);
     for (uint32_t k = 0; k < held.h.nmsrs; k++)
