@@ -401,7 +401,7 @@ if SAVES > 0 and ONLY ~= "boot" and have_kernel then
     io.stderr:write("\r\27[2K")
     if ok then
       row("7c save booted Linux (ms)", res.save, {})
-      row("7d restore booted Linux (ms)", res.restore, {})
+      row("7d restore booted Linux (ms)", res.restore, res.memcpy)
       row("7e  its file, vs guest RAM (MiB)", { res.size / 2^20 }, { snaplinux.MEMORY / 2^20 })
       notes[#notes + 1] = ("rows 7c-7e: Linux booted to its shell in %.1f s (%d MiB, one vCPU), then linux.save to "
         .. "a file %d times (vm:snapshot + snap:save: written, fsync'd, renamed), then linux.restore of it %d times "

@@ -7,7 +7,9 @@
 -- and snap:save(file): the file written through FILE.tmp, fsync'd, renamed),
 -- timed, and the file's size.
 -- The booted VM is closed; then, SAVES times: kvm.load_snapshot(file) alone,
--- timed and dropped, then linux.restore(file) (the file
+-- timed and dropped, `bench/floor memcpy file` (the file mapped and copied
+-- into anonymous memory: the floor for reading it in), then
+-- linux.restore(file) (the file
 -- read and checked, the machine built as for a boot but for what the snapshot
 -- brings, vm:restore), timed; the restored shell is typed at through a FIFO
 -- ("echo restored-$((6*7))") and must answer "restored-42" (not timed), and
@@ -62,7 +64,8 @@ end
 --- Boot, save SAVES times, restore SAVES times. Returns { save = {ms...},
 -- restore = {ms...}, snapshot = {ms...} (vm:snapshot() alone, before each
 -- save), load = {ms...} (kvm.load_snapshot(file) alone, before each
--- restore), size = bytes, boot = seconds }, or raises.
+-- restore), memcpy = {ms...} (`bench/floor memcpy file`, after each load),
+-- size = bytes, boot = seconds }, or raises.
 function M.measure(saves, progress)
   local dir = os.tmpname()
   os.remove(dir)
@@ -72,7 +75,7 @@ function M.measure(saves, progress)
   local input = assert(io.open(fifo, "r+b"))
   local typist = assert(io.open(fifo, "wb"))
   typist:setvbuf("no")
-  local res = { save = {}, restore = {}, snapshot = {}, load = {} }
+  local res = { save = {}, restore = {}, snapshot = {}, load = {}, memcpy = {} }
   local ok, err = pcall(function()
     local ctx
     local w = watcher(function() return ctx end)
@@ -103,6 +106,11 @@ function M.measure(saves, progress)
       local t0l = kvm.now()
       assert(kvm.load_snapshot(file))   -- alone: the file's part of a restore
       res.load[i] = (kvm.now() - t0l) * 1e3
+      -- the floor for reading it in: bench/floor maps the file and copies all of it
+      local p = assert(io.popen("bench/floor memcpy " .. file))
+      local secs = tonumber(p:read("a"):match("memcpy %d+ ([%d.]+)"))
+      p:close()
+      res.memcpy[i] = assert(secs, "bench/floor memcpy failed") * 1e3
       collectgarbage()
       local t1 = kvm.now()
       local rerr
