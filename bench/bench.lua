@@ -26,8 +26,8 @@
 --
 -- Environment: ROUNDS (rows 1-4 and 7, default 5), BOOT_ROUNDS (rows 5-6,
 -- default 3; 0 skips them), EXITS, LIFECYCLES, RESETS, FUZZ_EXECS, SAVES
--- (rows 7c-7e, default 3; 0 skips them), VMLINUX,
--- BOOT_TIMEOUT, ONLY=boot (rows 5-6 alone), ONLY=snapshot (row 7 alone).
+-- (rows 9c-9e, default 3; 0 skips them), VMLINUX,
+-- BOOT_TIMEOUT, ONLY=boot (rows 5-6 alone), ONLY=snapshot (row 9 alone).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "./?.so;" .. package.cpath
 local kvm = require "kvm"
@@ -213,7 +213,7 @@ local function kernel_memcpy()
   return tonumber(secs) * 1e3
 end
 
--- row 7a: a 64 MiB guest in flat 32-bit protected mode increments a dword in
+-- row 9a: a 64 MiB guest in flat 32-bit protected mode increments a dword in
 -- 4 pages and halts (the same bytes as floor.c's reset_code), loaded at 0x1000
 local RESET_GUEST = "\xff\x05\x00\x00\x10\x00"   -- inc dword [0x100000]
   .. "\xff\x05\x00\x00\x80\x00"                 -- inc dword [0x800000]
@@ -264,7 +264,7 @@ local function reset_c()
   return tonumber(med) * 1e6
 end
 
--- row 7b: the fuzzing example, a fixed seed; its own execs/s line
+-- row 9b: the fuzzing example, a fixed seed; its own execs/s line
 local function fuzz_execs()
   local out = sh("lua5.4 examples/snapshot_fuzz.lua --seed 1 --execs " .. FUZZ_EXECS)
   return assert(tonumber(out:match("\n%d+ execs in [%d.]+ s: (%d+) execs/s")), out)
@@ -381,36 +381,36 @@ if BOOT_ROUNDS > 0 and have_kernel then
   end
 end
 
--- row 7: snapshots
-row("7a snapshot reset, 4 pages (us)", reset_l, reset_f, "<=4x", ratio_le(4))
-row("7b snapshot_fuzz.lua (execs/s)", fuzz, {}, ">=1000/s", function(m) return m >= 1000 end)
+-- row 9: snapshots
+row("9a snapshot reset, 4 pages (us)", reset_l, reset_f, "<=4x", ratio_le(4))
+row("9b snapshot_fuzz.lua (execs/s)", fuzz, {}, ">=1000/s", function(m) return m >= 1000 end)
 if ROUNDS > 0 then
-  notes[#notes + 1] = ("row 7a: per reset, the median of %d in a round (and of the rounds): vm:restore(snap) of a "
+  notes[#notes + 1] = ("row 9a: per reset, the median of %d in a round (and of the rounds): vm:restore(snap) of a "
     .. "64 MiB VM whose guest dirtied 4 pages, against `floor reset` (memcpy of the 4 pages, KVM_SET_REGS, "
-    .. "KVM_SET_SREGS); row 7b: `examples/snapshot_fuzz.lua --seed 1 --execs %d`"):format(RESETS, FUZZ_EXECS)
+    .. "KVM_SET_SREGS); row 9b: `examples/snapshot_fuzz.lua --seed 1 --execs %d`"):format(RESETS, FUZZ_EXECS)
 end
--- rows 7c-7e: a booted Linux saved to a file and restored (bench/snaplinux.lua);
+-- rows 9c-9e: a booted Linux saved to a file and restored (bench/snaplinux.lua);
 -- the boot reaches user mode, which kvm_pvm cannot run
 local SAVES = tonumber(os.getenv("SAVES") or "3")
 if SAVES > 0 and ONLY ~= "boot" and have_kernel then
   if kvm.host_info().module == "kvm_pvm" then
-    notes[#notes + 1] = "rows 7c-7e: not measured: kvm_pvm cannot run the guest's user mode (`make bench` runs nested)"
+    notes[#notes + 1] = "rows 9c-9e: not measured: kvm_pvm cannot run the guest's user mode (`make bench` runs nested)"
   else
     local snaplinux = dofile "bench/snaplinux.lua"
     local ok, res = pcall(snaplinux.measure, SAVES, function(msg) io.stderr:write("\r\27[2K", msg) end)
     io.stderr:write("\r\27[2K")
     if ok then
-      row("7c save booted Linux (ms)", res.save, {})
-      row("7d restore booted Linux (ms)", res.restore, res.memcpy)
-      row("7e  its file, vs guest RAM (MiB)", { res.size / 2^20 }, { snaplinux.MEMORY / 2^20 })
-      notes[#notes + 1] = ("rows 7c-7e: Linux booted to its shell in %.1f s (%d MiB, one vCPU), then linux.save to "
+      row("9c save booted Linux (ms)", res.save, {})
+      row("9d restore booted Linux (ms)", res.restore, res.memcpy)
+      row("9e  its file, vs guest RAM (MiB)", { res.size / 2^20 }, { snaplinux.MEMORY / 2^20 })
+      notes[#notes + 1] = ("rows 9c-9e: Linux booted to its shell in %.1f s (%d MiB, one vCPU), then linux.save to "
         .. "a file %d times (vm:snapshot + snap:save: written, fsync'd, renamed), then linux.restore of it %d times "
         .. "(file read and checked, machine built, vm:restore), each restored shell answering a typed command")
         :format(res.boot, snaplinux.MEMORY >> 20, SAVES, SAVES)
-      notes[#notes + 1] = ("rows 7c-7d: of which vm:snapshot() %.1f ms, kvm.load_snapshot(file) %.1f ms (medians, "
+      notes[#notes + 1] = ("rows 9c-9d: of which vm:snapshot() %.1f ms, kvm.load_snapshot(file) %.1f ms (medians, "
         .. "each timed alone before a save and a restore)"):format(median(res.snapshot), median(res.load))
     else
-      notes[#notes + 1] = "rows 7c-7e: FAILED: " .. tostring(res)
+      notes[#notes + 1] = "rows 9c-9e: FAILED: " .. tostring(res)
     end
   end
 end

@@ -1,4 +1,4 @@
---- snaplinux.lua: row 7c-7e of `make bench`, a booted Linux saved to a file
+--- snaplinux.lua: rows 9c-9e of `make bench`, a booted Linux saved to a file
 -- and restored from it, in this process (kvm.linux: linux.save, linux.restore).
 --
 -- The boot: `make kernel`'s vmlinux and busybox initramfs, 128 MiB, one vCPU,
@@ -79,14 +79,14 @@ function M.measure(saves, progress)
   local ok, err = pcall(function()
     local ctx
     local w = watcher(function() return ctx end)
-    progress("7c: booting Linux to its shell")
+    progress("9c: booting Linux to its shell")
     local t0 = kvm.now()
     ctx = assert(linux.setup{ kernel = M.VMLINUX, initrd = M.INITRD, memory = M.MEMORY, output = w.output,
                               input = input })
     run_until(ctx, w, M.PROMPT, M.TIMEOUT)
     res.boot = kvm.now() - t0
     for i = 1, saves do
-      progress(("7c: save %d/%d"):format(i, saves))
+      progress(("9c: save %d/%d"):format(i, saves))
       local t0s = kvm.now()
       assert(ctx.vm:snapshot())     -- alone: the part of a save that is not the file
       res.snapshot[i] = (kvm.now() - t0s) * 1e3
@@ -100,7 +100,7 @@ function M.measure(saves, progress)
     f:close()
     close(ctx)
     for i = 1, saves do
-      progress(("7d: restore %d/%d"):format(i, saves))
+      progress(("9d: restore %d/%d"):format(i, saves))
       local ctx2
       local w2 = watcher(function() return ctx2 end)
       local t0l = kvm.now()
