@@ -94,4 +94,20 @@ function M.driver(vm, dev, o)
   return q
 end
 
+--- A block request on queue q (virtio 1.2, 5.2.6): the header {typ, 0,
+-- sector} at BUF, `data_len` bytes of data at BUF + 0x100 (device-writable
+-- for `data_dir` "in"; `data` written there first), the status byte at BUF +
+-- 0x80 (0xee until the device answers). Returns the status.
+function M.blk_req(q, vm, typ, sector, data_len, data_dir, data)
+  local BUF = M.BUF
+  vm:write(BUF, string.pack("<I4I4I8", typ, 0, sector))
+  vm:write(BUF + 0x80, "\xee")
+  if data then vm:write(BUF + 0x100, data) end
+  local descs = { { BUF, 16, M.NEXT } }
+  if data_len then descs[#descs + 1] = { BUF + 0x100, data_len, M.NEXT | (data_dir == "in" and M.WRITE or 0) } end
+  descs[#descs + 1] = { BUF + 0x80, 1, M.WRITE }
+  q.submit(descs)
+  return vm:u8(BUF + 0x80)
+end
+
 return M

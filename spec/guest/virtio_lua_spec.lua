@@ -13,7 +13,10 @@ local R = vd.R
 local NEXT, WRITE = vd.NEXT, vd.WRITE
 local NEEDS_RESET, DRIVER_OK = vd.NEEDS_RESET, vd.DRIVER_OK
 local BUF = vd.BUF
-local new_vm, w, r, driver = vd.new_vm, vd.w, vd.r, vd.driver
+local new_vm, w, r, driver, blk_req = vd.new_vm, vd.w, vd.r, vd.driver, vd.blk_req
+
+local tmp = {}
+teardown(function() for _, p in ipairs(tmp) do os.remove(p) end end)
 
 -- a device of `opts` (type "entropy" unless given) whose on_queue is fn
 local function device(vm, fn, opts)
@@ -476,6 +479,46 @@ describe("vm:virtio: a virtio device written in Lua #guest", function()
     assert.same({ "kvm.virtio.chain: a buffer of the chain is no longer in guest memory",
                   "attempt to use a closed kvm.virtio", "attempt to use a closed kvm.virtio" }, errs)
     assert.equal("attempt to use a closed kvm.virtio", support.merr(dev, "read", 0, 4))
+  end)
+
+  it("examples/cow_disk.lua's device: reads fall through to the image, writes stay in the table, every " ..
+     "request traced, the image unchanged", function()
+    support.need_kvm()
+    local cow = dofile("examples/cow_disk.lua")
+    local path = support.write_tmp(("A"):rep(512) .. ("B"):rep(512) .. ("C"):rep(512) .. ("D"):rep(512) .. "tail", tmp)
+    local trace = {}
+    local disk = assert(cow.new(path, { trace = function(op, sector, n) trace[#trace + 1] = ("%s %d %d"):format(op, sector, n) end }))
+    assert.same({ nil, "/nonexistent.img: No such file or directory" }, { cow.new("/nonexistent.img") })
+    local vm = new_vm()
+    local dev = assert(vm:virtio(disk.options))
+    assert.same({ 2, (1 << 2) | (1 << 9), 4, 126 }, { r(dev, R.DEVICE_ID), r(dev, R.DEV_FEAT), dev:read(R.CONFIG, 8),
+                                                    dev:read(R.CONFIG + 12, 4) })
+    local q = driver(vm, dev, { features = (1 << 2) | (1 << 9) })
+    assert.equal(0, blk_req(q, vm, 1, 1, 512, "out", ("z"):rep(512)))            -- OUT sector 1
+    assert.equal(0, blk_req(q, vm, 0, 0, 1536, "in"))                              -- IN sectors 0-2
+    assert.equal(("A"):rep(512) .. ("z"):rep(512) .. ("C"):rep(512), vm:read(BUF + 0x100, 1536))
+    assert.same({ 2, 0, 1537 }, { q.used() })                                    -- data and status
+    assert.equal(0, blk_req(q, vm, 4, 0))                                          -- FLUSH
+    assert.equal(0, blk_req(q, vm, 8, 0, 20, "in"))                                -- GET_ID
+    assert.equal("luakvm-cow" .. ("\0"):rep(10), vm:read(BUF + 0x100, 20))
+    assert.equal(2, blk_req(q, vm, 99, 0))                                         -- UNSUPP
+    assert.equal(1, blk_req(q, vm, 0, 4, 512, "in"))                               -- past the end (the tail is no sector)
+    assert.equal(1, blk_req(q, vm, 0, 3, 1024, "in"))                              -- crosses it
+    assert.equal(1, blk_req(q, vm, 1, 0, 100, "out", ("x"):rep(100)))               -- not whole sectors
+    assert.equal(1, blk_req(q, vm, 0, -1, 512, "in"))                              -- sector 2^64-1
+    q.submit{ { BUF, 8, WRITE } }                                                  -- no header: used, unanswered
+    assert.same({ 10, 0, 0 }, { q.used() })
+    assert.same({ "W 1 1", "R 0 3", "F 0 0", "I 0 0" }, trace)
+    assert.same({ [1] = ("z"):rep(512) }, disk.overlay)
+    assert.same({ [0] = true, [1] = true, [2] = true }, disk.read)
+    assert.same({ reads = 1, writes = 1, flushes = 1, ids = 1, errors = 4, bad = 1 }, disk.counts)
+    assert.is_nil(dev:info().error)
+    local saved = support.write_tmp("", tmp)
+    assert.is_true(disk.save(saved))
+    assert.equal(("A"):rep(512) .. ("z"):rep(512) .. ("C"):rep(512) .. ("D"):rep(512), support.slurp(saved))
+    assert.equal(("A"):rep(512) .. ("B"):rep(512) .. ("C"):rep(512) .. ("D"):rep(512) .. "tail", support.slurp(path))
+    disk.close()
+    vm:close()
   end)
 
   describe("options", function()

@@ -14,7 +14,7 @@ local NEXT, WRITE, INDIRECT = vd.NEXT, vd.WRITE, vd.INDIRECT
 local DESC, USED = vd.DESC, vd.USED
 local BUF = vd.BUF
 local RAM = vd.RAM
-local new_vm, w, r, driver = vd.new_vm, vd.w, vd.r, vd.driver
+local new_vm, w, r, driver, blk_req = vd.new_vm, vd.w, vd.r, vd.driver, vd.blk_req
 
 local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.remove(p) end end)
@@ -24,18 +24,6 @@ local function image(n)
   local t = {}
   for i = 0, n - 1 do t[#t + 1] = string.char(65 + i % 26):rep(512) end
   return support.write_tmp(table.concat(t), tmp)
-end
-
--- a block request: header at BUF, data at BUF + 0x100, status at BUF + 0x80
-local function blk_req(q, vm, typ, sector, data_len, data_dir, data)
-  vm:write(BUF, string.pack("<I4I4I8", typ, 0, sector))
-  vm:write(BUF + 0x80, "\xee")
-  if data then vm:write(BUF + 0x100, data) end
-  local descs = { { BUF, 16, NEXT } }
-  if data_len then descs[#descs + 1] = { BUF + 0x100, data_len, NEXT | (data_dir == "in" and WRITE or 0) } end
-  descs[#descs + 1] = { BUF + 0x80, 1, WRITE }
-  q.submit(descs)
-  return vm:u8(BUF + 0x80)
 end
 
 describe("virtio-mmio #guest", function()
