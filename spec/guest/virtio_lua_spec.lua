@@ -341,6 +341,44 @@ describe("vm:virtio: a virtio device written in Lua #guest", function()
     end
   end)
 
+  it("a console written in Lua: its receive buffer waits for input, which a port handler delivers " ..
+     "inside the run loop (dev:process); what the guest transmits reaches the script", function()
+    support.need_kvm()
+    local kvm = require "kvm"
+    -- out 0x98, al (input arrives); ds = 0xd000; mov dword [0x50], 1 (notify the
+    -- transmit queue); out 0x99, al (stop)
+    local code = "\xe6\x98\xb8\x00\xd0\x8e\xd8\x66\xc7\x06\x50\x00\x01\x00\x00\x00\xe6\x99"
+    local typed, sent, dev = {}, {}, nil
+    local vm, cpu = support.guest(code, { size = 0xd0000, setup = function(v)
+      assert(v:irqchip())
+      dev = device(v, function(q)
+        if q.index == 1 then
+          for c in q:chains() do sent[#sent + 1] = c:read(); c:done(0) end
+        else
+          while #typed > 0 do
+            local c = q:pop()
+            if not c then break end
+            c:done(c:write(0, table.remove(typed, 1)))
+          end
+        end
+      end, { type = "console", queues = 2, base = 0xd0000, irq = 5 })
+      v:on_io(0x98, function() typed[#typed + 1] = "typed"; dev:process(0) end)
+      v:on_io(0x99, function() return kvm.STOP end)
+    end })
+    local rx = driver(vm, dev)
+    rx.submit(one_writable(BUF, 16, 0))                   -- no input yet: not taken, it waits
+    assert.same({ 0, 0 }, { vm:u16(vd.USED + 2), dev:info().queues[1].last_avail })
+    local tx = vd.queue(vm, dev, 1, { desc = 0x13000, avail = 0x14000, used = 0x15000 })
+    vm:write(BUF + 0x100, "hello")
+    tx.put{ { BUF + 0x100, 5, 0 } }
+    assert.equal("stopped", cpu:run{ timeout = 5 }.reason)
+    assert.same({ 1, 0, 5 }, { rx.used() })
+    assert.equal("typed", vm:read(BUF, 5))
+    assert.same({ "hello" }, sent)
+    assert.same({ 1, 0, 0 }, { tx.used() })
+    vm:close()
+  end)
+
   it("set_config: the new bytes, ConfigGeneration + 1, a configuration interrupt once DRIVER_OK", function()
     support.need_kvm()
     local vm = new_vm()
