@@ -17,12 +17,18 @@
 -- device: `cow.new(image, {trace = function(op, sector, count)})` gives
 -- `{options = vm:virtio's options, overlay = {[sector] = bytes}, ...}`.
 --
--- Expected output (Debian's cloud kernel, an ext4 IMAGE, `mount /dev/vda
--- /mnt; echo hi > /mnt/x; sync; poweroff` typed):
---   [    1.2...] virtio_blk virtio0: [vda] 16384 512-byte logical blocks (8.39 MB/8.00 MiB)
+-- Expected output (Debian's cloud kernel and the test initramfs, nested on
+-- kvm_amd; an 8 MiB ext4 IMAGE; typed: `mount -t ext4 /dev/vda /mnt; cat
+-- /mnt/marker.txt; echo hi > /mnt/x; sync; poweroff`):
+--   [   11.317979] virtio_blk virtio0: [vda] 16384 512-byte logical blocks (8.39 MB/8.00 MiB)
 --   ...
---   cow_disk: the guest read 5xx sectors from IMAGE, wrote 3x (3x kept in the table), 2 flushes
---   cow_disk: IMAGE is as it was: it was opened read-only
+--   [   12.385388] EXT4-fs (vda): mounted filesystem with ordered data mode. Quota mode: none.
+--   marker-from-the-host
+--   ...
+--   cow_disk: the run ended: poweroff
+--   cow_disk: the guest read 26 sectors from base.img, wrote 40 (40 kept in the table), 7 flushes, 0 requests refused
+--   cow_disk: base.img is as it was: it was opened read-only
+-- and the trace begins "R 0 8", "R 2 2", "R 4 2", "R 196 2" (29 lines).
 local script = arg and arg[0] or ""
 local root = script:match("^(.*)/examples/[^/]*$") or (script:match("^examples/[^/]*$") and ".")
 if root then
