@@ -34,7 +34,7 @@ build = {
                   "csrc/virtio.c", "csrc/virtio_blk.c", "csrc/virtio_rng.c",
                   "csrc/virtio_console.c", "csrc/virtio_lua.c",
                   "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c", "csrc/debug.c", "csrc/socket.c",
-                  "csrc/snapshot.c" },
+                  "csrc/snapshot.c", "csrc/snapfile.c" },
       libraries = { "elf" },
       incdirs = { "csrc", "$(LIBELF_INCDIR)" },
       libdirs = { "$(LIBELF_LIBDIR)" },

@@ -22,6 +22,7 @@ The C core's module functions (`require "kvm"` gives them too).
 #include <sys/ioctl.h>
 
 #include "luakvm.h"
+#include "snapshot.h"
 
 #define LUAKVM_EXPORT __attribute__((visibility("default")))
 
@@ -223,6 +224,7 @@ static const luaL_Reg funcs[] = {
   {"host_info", l_host_info},
   {"now", l_now},
   {"sandbox", l_sandbox},
+  {"load_snapshot", l_load_snapshot},
   {NULL, NULL}
 };
 

@@ -100,6 +100,7 @@ typedef struct Snapshot {
   char *meta;                    /* the user's string (snap.meta), malloc'd, or NULL */
   size_t metalen;
   uint64_t id;                   /* unique in this process: a VM's baseline */
+  int trusted;                   /* made by vm:snapshot here: KVM gave every value */
 } Snapshot;
 
 /* a new empty snapshot userdata on the stack (parts added with snap_add_part,
@@ -116,8 +117,17 @@ Snapshot *snap_check(lua_State *L, int arg);
 /* snapfile.c: snap:save(path) and kvm.load_snapshot(path) */
 int  l_snap_save(lua_State *L);
 int  l_load_snapshot(lua_State *L);
-/* the same from an open file (the fuzz harness: a memfd): pushes a snapshot
-   userdata (1), or fail and a message (2); never raises for a bad file */
+/* the same from an open file (the fuzz harness: a memfd), read from offset
+   0 whatever the fd's offset: pushes a snapshot userdata (1), or fail, a
+   message naming `name` and an errno (3); never raises for a bad file */
 int  snap_load_fd(lua_State *L, int fd, const char *name);
+/* does this host (kvm_fd: /dev/kvm) have every CPU feature the snapshot's
+   vCPUs' CPUID records give them (KVM_GET_SUPPORTED_CPUID; snapfile.c says
+   which bits are left out and why)? 0, or -1 with errno (ENOTSUP: a
+   feature missing) and a message in err: "vCPU 0 needs CPU features this
+   host's KVM lacks: CPUID 0x7.0 EBX bit 5 (avx2)" */
+int  snap_check_cpu(const Snapshot *s, int kvm_fd, char *err, size_t errlen);
+/* snap:save and snap.meta (__index, __newindex) into the class kvm_open_snapshot made */
+void kvm_open_snapfile(lua_State *L);
 
 #endif

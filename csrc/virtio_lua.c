@@ -338,12 +338,13 @@ static Chain *checkchain(lua_State *L) {
   return ch;
 }
 
-/* the chain's buffers in guest memory now, as a VirtioChain */
-static void buffers(lua_State *L, Chain *ch, VirtioChain *c) {
+/* the chain's buffers in guest memory now, as a VirtioChain (writing: the
+   writable ones marked for a snapshot restore) */
+static void buffers(lua_State *L, Chain *ch, VirtioChain *c, int writing) {
   Vm *vm = ch->d->v.dev.vm;
   for (int i = 0; i < ch->n; i++) {
     VirtioSeg *s = &ch->seg[i];
-    s->p = kvm_gpa_ptr(vm, s->gpa, s->len);
+    s->p = writing && s->write ? kvm_gpa_wptr(vm, s->gpa, s->len) : kvm_gpa_ptr(vm, s->gpa, s->len);
     if (s->p == NULL) luaL_error(L, "kvm.virtio.chain: a buffer of the chain is no longer in guest memory");
   }
   c->seg = ch->seg;
@@ -384,7 +385,7 @@ static int l_chain_read(lua_State *L) {
   }
   check_span(L, off, len, ch->rlen, "readable");
   VirtioChain c;
-  buffers(L, ch, &c);
+  buffers(L, ch, &c, 0);
   luaL_Buffer b;
   char *p = luaL_buffinitsize(L, &b, (size_t)len);
   virtio_chain_read(&c, off, p, len);
@@ -408,7 +409,7 @@ static int l_chain_write(lua_State *L) {
   const char *s = luaL_checklstring(L, 3, &len);
   check_span(L, off, len, ch->wlen, "writable");
   VirtioChain c;
-  buffers(L, ch, &c);
+  buffers(L, ch, &c, 1);
   virtio_chain_write(&c, off, s, len);
   uint64_t end = off + len;
   if (end > ch->high) ch->high = end;
@@ -482,6 +483,9 @@ static const VirtioType script_type = {
   .stats = vlua_stats,
 };
 
+/* no save or restore: the device's state is the script's as much as the
+   transport's (its chains held, what its tables keep), and a snapshot leaves
+   it out, as it does a Lua port device (luadev.c) */
 static const DeviceOps script_ops = {
   .kind = "virtio-lua",
   .access = vlua_access,
@@ -578,7 +582,9 @@ call used chains, the used interrupt follows. The fields `queue.index`,
 `queue.num`, `queue.driver_features` (what the driver accepted) and
 `queue.device` help. The handler runs on the thread of the Lua state, one at
 a time, a vCPU waiting; its error ends run() with it. The guest finds the
-device through the ACPI DSDT (kvm.linux's `virtio` option).
+device through the ACPI DSDT (kvm.linux's `virtio` option). A snapshot
+(vm:snapshot) leaves it out, as it does vm:on_io's devices: its state is
+the script's.
 @function vm:virtio
 @tparam table opts `type` ("block", "console", "entropy" or a device id,
   required), `on_queue` (function(queue), required), `queues` (1..8,

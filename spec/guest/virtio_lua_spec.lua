@@ -435,6 +435,24 @@ describe("vm:virtio: a virtio device written in Lua #guest", function()
     vm:close()
   end)
 
+  it("a snapshot leaves it out: a restore changes neither its transport nor its held chains", function()
+    support.need_kvm()
+    local vm = new_vm()
+    assert(vm:vcpu(0))
+    local heads = {}
+    local dev = device(vm, function(q) for c in q:chains() do heads[#heads + 1] = c.head end end)
+    local q = driver(vm, dev)
+    q.submit(one_writable(BUF, 8, 2))
+    local snap = assert(vm:snapshot())
+    w(dev, R.STATUS, 0)                                    -- reset: the held chain is dropped
+    assert.is_true(vm:restore(snap))
+    assert.same({ 0, false }, { dev:info().status, dev:info().queues[1].ready })
+    q = driver(vm, dev)
+    dev:process(0)
+    assert.same({ 2 }, heads)                              -- nothing held came back
+    vm:close()
+  end)
+
   describe("a hostile driver gets DEVICE_NEEDS_RESET; pop gives nil", function()
     it("more chains in flight than the queue holds (one descriptor offered three times)", function()
       support.need_kvm()
