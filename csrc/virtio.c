@@ -775,12 +775,33 @@ static int l_virtio_tostring(lua_State *L) {
   return 1;
 }
 
+/*** The feature bits the driver accepted (a field; 0 before it wrote any),
+as `info().driver_features`: what a Lua device's handler looks at.
+@field driver_features
+*/
+static int l_virtio_index(lua_State *L) {
+  Virtio *v = luaL_checkudata(L, 1, VIRTIO_MT);
+  if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "driver_features") == 0) {
+    if (v->dev.closed) return luaL_error(L, "attempt to use a closed kvm.virtio");
+    kvm_device_lock_lua(L, &v->dev);
+    uint64_t f = v->driver_features;
+    pthread_mutex_unlock(&v->dev.lock);
+    lua_pushinteger(L, (lua_Integer)f);
+    return 1;
+  }
+  lua_getmetatable(L, 1);
+  lua_getfield(L, -1, "methods");
+  lua_pushvalue(L, 2);
+  lua_rawget(L, -2);
+  return 1;
+}
+
 static void push_class(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"read", l_virtio_read}, {"write", l_virtio_write}, {"info", l_virtio_info},
     {"set_config", l_virtio_set_config}, {"process", l_virtio_process}, {NULL, NULL}
   };
-  static const luaL_Reg meta[] = { {"__tostring", l_virtio_tostring}, {NULL, NULL} };
+  static const luaL_Reg meta[] = { {"__index", l_virtio_index}, {"__tostring", l_virtio_tostring}, {NULL, NULL} };
   if (luaL_getmetatable(L, VIRTIO_MT) == LUA_TNIL) kvm_new_class(L, VIRTIO_MT, methods, meta);
   lua_pop(L, 1);
 }

@@ -579,8 +579,8 @@ view (kvm.virtio.chain, valid during the call) with `readable` and
 `chain:done(written)`, which puts it in the used ring. A chain not done is
 held and popped first at the next call (dev:process(q) makes one). When a
 call used chains, the used interrupt follows. The fields `queue.index`,
-`queue.num`, `queue.driver_features` (what the driver accepted) and
-`queue.device` help. The handler runs on the thread of the Lua state, one at
+`queue.num`, `queue.driver_features` (what the driver accepted, also
+`dev.driver_features`) and `queue.device` help. The handler runs on the thread of the Lua state, one at
 a time, a vCPU waiting; its error ends run() with it. The guest finds the
 device through the ACPI DSDT (kvm.linux's `virtio` option). A snapshot
 (vm:snapshot) leaves it out, as it does vm:on_io's devices: its state is
