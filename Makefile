@@ -20,7 +20,7 @@ SAN_LUA = spec/lua_asan.c -Wl,-E \
   $$(pkg-config --variable=libdir lua5.4 2>/dev/null || echo /usr/lib/x86_64-linux-gnu)/liblua5.4.a -lm -ldl
 # the specs where several threads touch the core: vm:run's, the devices', the run loop's
 THREAD_SPECS = spec/guest/smp_spec.lua spec/guest/serial_spec.lua spec/guest/devices_spec.lua \
-               spec/guest/run_spec.lua spec/guest/hostile_spec.lua
+               spec/guest/run_spec.lua spec/guest/hostile_spec.lua spec/guest/virtio_lua_spec.lua
 .PHONY: all test e2e check-memory check-threads bench kernel clean caps deps run doc lint rock
 
 # Debian 12 packages the build, the tests and the default kernel need

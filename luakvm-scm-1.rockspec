@@ -32,7 +32,7 @@ build = {
                   "csrc/exit.c", "csrc/bus.c", "csrc/sink.c", "csrc/uart.c", "csrc/legacy.c",
                   "csrc/power.c", "csrc/debugexit.c", "csrc/debugcon.c", "csrc/luadev.c",
                   "csrc/virtio.c", "csrc/virtio_blk.c", "csrc/virtio_rng.c",
-                  "csrc/virtio_console.c",
+                  "csrc/virtio_console.c", "csrc/virtio_lua.c",
                   "csrc/elf.c", "csrc/sandbox.c", "csrc/smp.c", "csrc/debug.c", "csrc/socket.c",
                   "csrc/snapshot.c", "csrc/snapfile.c" },
       libraries = { "elf" },

@@ -15,12 +15,14 @@
 ** never reads outside guest memory and never loops on the guest's say-so.
 **
 ** Requests are handled on the vCPU thread that writes QueueNotify, under the
-** device's lock; the interrupt is a level on an IOAPIC pin through
+** device's lock (a device written in Lua takes its chains on the Lua thread:
+** virtio_lua.c); the interrupt is a level on an IOAPIC pin through
 ** kvm_irq_line: high while InterruptStatus is not 0 (the DSDT says level,
 ** active high), as kvmtool drives it.
 */
 
-/*** Virtio devices (vm:virtio_blk, vm:virtio_rng) are kvm.virtio objects.
+/*** Virtio devices (vm:virtio_blk, vm:virtio_rng, vm:virtio_console, and
+vm:virtio's written in Lua) are kvm.virtio objects.
 @classmod kvm.virtio
 */
 #include <stdio.h>
@@ -94,6 +96,7 @@ static void reset(Virtio *v) {
   v->isr = 0;
   v->error = NULL;
   update_irq(v);
+  if (v->type->reset) v->type->reset(v);
 }
 
 /* ---- the split virtqueue ---- */
@@ -156,6 +159,7 @@ static int walk_chain(Virtio *v, const uint8_t *desc, uint32_t num, uint16_t hea
     uint8_t *p = w ? kvm_gpa_wptr(vm, addr, len) : kvm_gpa_ptr(vm, addr, len);
     if (p == NULL) return fail(v, "a buffer outside guest memory");
     c->seg[c->n].p = p;
+    c->seg[c->n].gpa = addr;
     c->seg[c->n].len = len;
     c->seg[c->n].write = w;
     c->n++;
@@ -166,45 +170,106 @@ static int walk_chain(Virtio *v, const uint8_t *desc, uint32_t num, uint16_t hea
   }
 }
 
-int virtio_queue_process(Virtio *v, int qi) {
-  VirtioQueue *q = &v->q[qi];
-  if (!q->ready || (v->status & VIRTIO_S_NEEDS_RESET)) return 0;
+/* the rings of queue q, looked up now: guest memory may have changed since
+   QueueReady. 0, or -1 when one left guest memory (the device needs a reset) */
+typedef struct Rings {
+  const uint8_t *desc;
+  uint8_t *avail, *used;
+} Rings;
+
+static int rings(Virtio *v, const VirtioQueue *q, Rings *r) {
   Vm *vm = v->dev.vm;
+  r->desc = kvm_gpa_ptr(vm, q->desc, 16ull * q->num);
+  r->avail = kvm_gpa_ptr(vm, q->avail, 6 + 2ull * q->num);
+  r->used = kvm_gpa_wptr(vm, q->used, 6 + 8ull * q->num);
+  if (!r->desc || !r->avail || !r->used) return fail(v, "a ring outside guest memory");
+  return 0;
+}
+
+static int taking(const Virtio *v, const VirtioQueue *q) {
+  return q->ready && !(v->status & VIRTIO_S_NEEDS_RESET);
+}
+
+static int take(Virtio *v, VirtioQueue *q, const Rings *r, uint16_t *head) {
   uint32_t num = q->num;
-  /* looked up at every notify: guest memory may have changed since ready */
-  const uint8_t *desc = kvm_gpa_ptr(vm, q->desc, 16ull * num);
-  uint8_t *avail = kvm_gpa_ptr(vm, q->avail, 6 + 2ull * num);
-  uint8_t *used = kvm_gpa_wptr(vm, q->used, 6 + 8ull * num);
-  if (!desc || !avail || !used) return fail(v, "a ring outside guest memory");
-  uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
+  uint16_t avail_idx = __atomic_load_n((uint16_t *)(r->avail + 2), __ATOMIC_ACQUIRE);
   if ((uint16_t)(avail_idx - q->last_avail) > num)
     return fail(v, "the avail index is more than a queue ahead");
+  if (avail_idx == q->last_avail) return 0;
+  *head = get16(r->avail + 4 + 2 * (size_t)(q->last_avail % num));
+  if (*head >= num) return fail(v, "an avail ring entry past the queue");
+  q->last_avail++;
+  return 1;
+}
+
+static void put_used(Virtio *v, VirtioQueue *q, const Rings *r, uint16_t head, uint32_t written) {
+  uint8_t *u = r->used + 4 + 8 * (size_t)(q->used_idx % q->num);
+  put32(u, head);
+  put32(u + 4, written);
+  q->used_idx++;
+  __atomic_store_n((uint16_t *)(r->used + 2), q->used_idx, __ATOMIC_RELEASE);
+  v->chains++;
+}
+
+int virtio_queue_process(Virtio *v, int qi) {
+  VirtioQueue *q = &v->q[qi];
+  if (!taking(v, q)) return 0;
+  if (v->type->notify) { v->type->notify(v, qi); return 0; }
+  Rings r;
+  if (rings(v, q, &r) < 0) return -1;
   int handled = 0;
-  while (q->last_avail != avail_idx) {
-    uint16_t head = get16(avail + 4 + 2 * (size_t)(q->last_avail % num));
-    if (head >= num) return fail(v, "an avail ring entry past the queue");
+  /* at most a queue of chains per notify: a driver adding more meanwhile waits */
+  for (uint32_t n = 0; n < q->num; n++) {
+    uint16_t head = 0;
+    int t = take(v, q, &r, &head);
+    if (t < 0) return -1;
+    if (t == 0) break;
     VirtioChain c;
-    if (walk_chain(v, desc, num, head, &c) < 0) return -1;
+    if (walk_chain(v, r.desc, q->num, head, &c) < 0) return -1;
     uint32_t written = 0;
     int st = v->type->request(v, qi, &c, &written);
     if (st < 0) return fail(v, v->error ? v->error : "a request the device cannot take");
-    if (st > 0) break;                  /* the device takes it later */
+    if (st > 0) { q->last_avail--; break; }    /* the device takes it later */
     if (written > c.wlen) written = (uint32_t)c.wlen;
-    uint8_t *u = used + 4 + 8 * (size_t)(q->used_idx % num);
-    put32(u, head);
-    put32(u + 4, written);
-    q->used_idx++;
-    __atomic_store_n((uint16_t *)(used + 2), q->used_idx, __ATOMIC_RELEASE);
-    q->last_avail++;
-    v->chains++;
+    put_used(v, q, &r, head, written);
     handled++;
   }
-  if (handled) {
-    v->isr |= VIRTIO_ISR_USED;
-    update_irq(v);
-  }
+  if (handled) virtio_interrupt(v, VIRTIO_ISR_USED);
   return handled;
 }
+
+int virtio_queue_take(Virtio *v, int qi, uint16_t *head) {
+  VirtioQueue *q = &v->q[qi];
+  Rings r;
+  if (!taking(v, q)) return 0;
+  if (rings(v, q, &r) < 0) return -1;
+  return take(v, q, &r, head);
+}
+
+int virtio_chain_walk(Virtio *v, int qi, uint16_t head, VirtioChain *c) {
+  VirtioQueue *q = &v->q[qi];
+  Rings r;
+  if (!taking(v, q)) return fail(v, "a chain walked on a queue that is not ready");
+  if (rings(v, q, &r) < 0) return -1;
+  if (head >= q->num) return fail(v, "an avail ring entry past the queue");
+  return walk_chain(v, r.desc, q->num, head, c);
+}
+
+int virtio_queue_push(Virtio *v, int qi, uint16_t head, uint32_t written) {
+  VirtioQueue *q = &v->q[qi];
+  Rings r;
+  if (!taking(v, q)) return 0;
+  if (rings(v, q, &r) < 0) return -1;
+  put_used(v, q, &r, head, written);
+  return 0;
+}
+
+void virtio_interrupt(Virtio *v, uint32_t isr) {
+  v->isr |= isr;
+  update_irq(v);
+}
+
+int virtio_fail(Virtio *v, const char *why) { return fail(v, why); }
 
 /* why queue q cannot be ready as it is set up, or NULL: its size, its
    rings' alignment and, with memory, that the rings lie in guest memory */
@@ -608,7 +673,8 @@ static int l_virtio_read(lua_State *L) {
 }
 
 /*** Write a register as the guest does (an MMIO write at `base + offset`):
-a QueueNotify write handles the queue's requests before it returns.
+a QueueNotify write handles the queue's requests before it returns (for a
+Lua device, `vm:virtio`, its `on_queue` runs; its error is raised here).
 @function write
 @tparam integer offset 0..0x1ff
 @tparam integer size 1, 2, 4 or 8
@@ -623,9 +689,13 @@ static int l_virtio_write(lua_State *L) {
   uint64_t val = (uint64_t)luaL_checkinteger(L, 4);
   uint8_t data[8];
   for (unsigned i = 0; i < 8; i++) data[i] = (uint8_t)(val >> (8 * i));
-  kvm_device_lock_lua(L, &v->dev);
-  virtio_mmio(v, off, 1, size, data);
-  pthread_mutex_unlock(&v->dev.lock);
+  if (v->dev.ops->lua) {
+    virtio_lua_write(L, v, off, size, data);   /* not locked: its handler may use the device */
+  } else {
+    kvm_device_lock_lua(L, &v->dev);
+    virtio_mmio(v, off, 1, size, data);
+    pthread_mutex_unlock(&v->dev.lock);
+  }
   lua_settop(L, 1);
   return 1;
 }
@@ -671,6 +741,29 @@ static int l_virtio_info(lua_State *L) {
   return 1;
 }
 
+/* set_config and process, Lua devices' methods, are in virtio_lua.c */
+
+/*** Change a Lua device's configuration space (vm:virtio): the driver reads
+the new bytes, ConfigGeneration changes, and with DRIVER_OK set the driver
+gets a configuration change interrupt.
+@function set_config
+@tparam string config at most 256 bytes (the rest of the space reads 0)
+@treturn kvm.virtio the device
+@raise for a device not made by vm:virtio, a closed one, too many bytes
+*/
+
+/*** Call a Lua device's on_queue for queue `q` now, as a notify from the
+driver would (nothing while the queue or the driver is not ready): the way to
+complete chains held earlier, from a timer, a port handler or another queue's
+on_queue. Called from inside the queue's own on_queue, the call follows once
+that one returns.
+@function process
+@tparam integer q the queue, from 0
+@treturn kvm.virtio the device
+@raise for a device not made by vm:virtio, a closed one, a bad queue; the
+  error on_queue raises
+*/
+
 static int l_virtio_tostring(lua_State *L) {
   Virtio *v = luaL_checkudata(L, 1, VIRTIO_MT);
   if (v->dev.closed) lua_pushfstring(L, "kvm.virtio %s (closed)", v->type->kind);
@@ -682,11 +775,33 @@ static int l_virtio_tostring(lua_State *L) {
   return 1;
 }
 
+/*** The feature bits the driver accepted (a field; 0 before it wrote any),
+as `info().driver_features`: what a Lua device's handler looks at.
+@field driver_features
+*/
+static int l_virtio_index(lua_State *L) {
+  Virtio *v = luaL_checkudata(L, 1, VIRTIO_MT);
+  if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "driver_features") == 0) {
+    if (v->dev.closed) return luaL_error(L, "attempt to use a closed kvm.virtio");
+    kvm_device_lock_lua(L, &v->dev);
+    uint64_t f = v->driver_features;
+    pthread_mutex_unlock(&v->dev.lock);
+    lua_pushinteger(L, (lua_Integer)f);
+    return 1;
+  }
+  lua_getmetatable(L, 1);
+  lua_getfield(L, -1, "methods");
+  lua_pushvalue(L, 2);
+  lua_rawget(L, -2);
+  return 1;
+}
+
 static void push_class(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"read", l_virtio_read}, {"write", l_virtio_write}, {"info", l_virtio_info}, {NULL, NULL}
+    {"read", l_virtio_read}, {"write", l_virtio_write}, {"info", l_virtio_info},
+    {"set_config", l_virtio_set_config}, {"process", l_virtio_process}, {NULL, NULL}
   };
-  static const luaL_Reg meta[] = { {"__tostring", l_virtio_tostring}, {NULL, NULL} };
+  static const luaL_Reg meta[] = { {"__index", l_virtio_index}, {"__tostring", l_virtio_tostring}, {NULL, NULL} };
   if (luaL_getmetatable(L, VIRTIO_MT) == LUA_TNIL) kvm_new_class(L, VIRTIO_MT, methods, meta);
   lua_pop(L, 1);
 }

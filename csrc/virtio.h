@@ -1,7 +1,9 @@
 /*
 ** virtio.h - the virtio-mmio transport (virtio.c) and what a device type
 ** built on it (virtio_blk.c, virtio_rng.c) provides: its id, features,
-** config space and a handler for one descriptor chain.
+** config space and a handler for one descriptor chain; or (virtio_lua.c)
+** takes the chains itself with virtio_queue_take, virtio_chain_walk and
+** virtio_queue_push.
 **
 ** Model: the virtio 1.2 specification (4.2 "Virtio Over MMIO", 2.7 "Split
 ** Virtqueues"); kvmtool's virtio/mmio.c and Firecracker's mmio.rs for the
@@ -17,7 +19,7 @@
 #define VIRTIO_MT          "kvm.virtio"
 #define VIRTIO_MMIO_SIZE   0x200     /* registers 0x000-0x0ff, config 0x100-0x1ff */
 #define VIRTIO_CONFIG_MAX  0x100
-#define VIRTIO_MAX_QUEUES  2
+#define VIRTIO_MAX_QUEUES  8         /* a Lua device's queues = n, at most this */
 #define VIRTIO_QUEUE_MAX   256       /* QueueNumMax: descriptors per queue */
 #define VIRTIO_ERROR_MAX   96        /* a restored error message, its NUL included */
 
@@ -38,6 +40,7 @@
 /* one guest buffer of a chain, checked to lie in guest memory */
 typedef struct VirtioSeg {
   uint8_t *p;
+  uint64_t gpa;                  /* where p points in the guest */
   uint32_t len;
   int write;                     /* device-writable */
 } VirtioSeg;
@@ -61,6 +64,11 @@ typedef struct VirtioType {
      later (a console's receive buffers while no input waits), or -1 for a
      chain the device cannot accept (the device then needs a reset) */
   int (*request)(Virtio *v, int q, VirtioChain *c, uint32_t *written);
+  /* a device that takes its chains itself, when it can (virtio_lua.c: the
+     Lua thread): queue q may have chains (a QueueNotify, the queue or the
+     driver becoming ready), told instead of request being called */
+  void (*notify)(Virtio *v, int q);
+  void (*reset)(Virtio *v);      /* the driver reset the device: chains held are gone */
   void (*close)(Virtio *v);
   void (*stats)(Virtio *v, lua_State *L);
   /* snapshots: the type's own state, kept after the transport's (save
@@ -113,9 +121,31 @@ void virtio_mmio(Virtio *v, uint64_t off, int is_write, unsigned size, uint8_t *
    when the driver broke the rules (the device then needs a reset) */
 int  virtio_queue_process(Virtio *v, int q);
 
+/* the chains a device takes itself (VirtioType.notify): the head of the
+   next available chain of ready queue q (1), none (0), or -1 when the
+   driver broke a rule (the device then needs a reset, as for the rest) */
+int  virtio_queue_take(Virtio *v, int q, uint16_t *head);
+/* the chain at head into c (its buffers in v->seg, until the next walk):
+   0, or -1 when the driver broke a rule */
+int  virtio_chain_walk(Virtio *v, int q, uint16_t head, VirtioChain *c);
+/* the chain at head is used, `written` bytes put in it: 0, or -1 when the
+   rings left guest memory; nothing is put while the device needs a reset */
+int  virtio_queue_push(Virtio *v, int q, uint16_t head, uint32_t written);
+/* InterruptStatus |= isr, and the line follows */
+void virtio_interrupt(Virtio *v, uint32_t isr);
+/* the device finds a rule broken: DEVICE_NEEDS_RESET (why: a static string); -1 */
+int  virtio_fail(Virtio *v, const char *why);
+
 /* copy out of / into a chain's readable / writable stream at off: bytes copied */
 uint64_t virtio_chain_read(const VirtioChain *c, uint64_t off, void *buf, uint64_t len);
 uint64_t virtio_chain_write(const VirtioChain *c, uint64_t off, const void *buf, uint64_t len);
+
+/* Lua devices (vm:virtio, virtio_lua.c): their methods in kvm.virtio's
+   class, and dev:write's register write for one (its on_queue may run:
+   its error is raised) */
+int  l_virtio_set_config(lua_State *L);
+int  l_virtio_process(lua_State *L);
+void virtio_lua_write(lua_State *L, Virtio *v, uint64_t off, unsigned size, uint8_t *data);
 
 /* for a vm:virtio_* method: the options (base, irq) at table index 2 and the
    checks every device makes; pushes the new device, pinning the VM */

@@ -2,7 +2,7 @@
 ** vm.c - kvm.vm: the VM object, guest-physical access, in-kernel devices,
 ** its bus's claims and its counters. The devices themselves are one file
 ** each (uart.c, legacy.c, power.c, debugexit.c, debugcon.c, luadev.c,
-** virtio_blk.c, virtio_rng.c and virtio_console.c on virtio.c); their
+** virtio_blk.c, virtio_rng.c, virtio_console.c and virtio_lua.c on virtio.c); their
 ** vm: methods are listed in vm_methods below.
 */
 
@@ -343,6 +343,7 @@ int l_vm_on_mmio(lua_State *L);       /* luadev.c */
 int l_vm_virtio_blk(lua_State *L);    /* virtio_blk.c */
 int l_vm_virtio_rng(lua_State *L);    /* virtio_rng.c */
 int l_vm_virtio_console(lua_State *L);  /* virtio_console.c */
+int l_vm_virtio(lua_State *L);        /* virtio_lua.c */
 
 static const luaL_Reg vm_methods[] = {
   {"close", l_vm_close},
@@ -370,6 +371,7 @@ static const luaL_Reg vm_methods[] = {
   {"virtio_blk", l_vm_virtio_blk},
   {"virtio_rng", l_vm_virtio_rng},
   {"virtio_console", l_vm_virtio_console},
+  {"virtio", l_vm_virtio},
   {"load_elf", kvm_elf_load},
   {"stats", l_vm_stats},
   {"snapshot", l_vm_snapshot},

@@ -268,8 +268,10 @@ end
 -- into the serial input (`t.pipe`, the console's `input`) types each step's
 -- `send` when told to (`t.go(i)`: a flag file), or at once for a step with
 -- `at_once = true` (typed ahead, before the guest reads). `t.close()` lets the
--- rest go, closes the pipe and removes the files.
-function support.typist(steps)
+-- rest go, closes the pipe and removes the files. With `into` (a shell
+-- command: a VMM of its own, an example) the typing goes to that command's
+-- standard input, and t.pipe reads its output.
+function support.typist(steps, into)
   local files, script = {}, {}
   for i, step in ipairs(steps) do
     local text, flag = os.tmpname(), os.tmpname()
@@ -281,7 +283,7 @@ function support.typist(steps)
     end
     script[#script + 1] = "cat " .. text
   end
-  local pipe = assert(io.popen("sh -c '" .. table.concat(script, "; ") .. "'", "r"))
+  local pipe = assert(io.popen("sh -c '" .. table.concat(script, "; ") .. "'" .. (into and " | " .. into or ""), "r"))
   local t = { pipe = pipe }
   function t.go(i) local f = io.open(files[i].flag, "w"); if f then f:close() end end
   function t.close()

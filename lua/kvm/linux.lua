@@ -185,13 +185,13 @@ linux.VIRTIO_IRQ = 16
 linux.VIRTIO_MAX = 8
 
 --- Does a boot with these options need the kernel's modules (the virtio
--- drivers, modules in Debian's cloud kernel)? True with `disks`, `rng` or
--- `virtio_console`.
+-- drivers, modules in Debian's cloud kernel)? True with `disks`, `rng`,
+-- `virtio_console` or `virtio`.
 -- @tparam table opts
 -- @treturn boolean
 function linux.wants_modules(opts)
   return (type(opts.disks) == "table" and #opts.disks > 0) or opts.rng == true
-    or opts.virtio_console ~= nil
+    or opts.virtio_console ~= nil or (type(opts.virtio) == "table" and #opts.virtio > 0)
 end
 
 --- The command line: `opts.cmdline` (default `linux.DEFAULT_CMDLINE`, without
@@ -339,8 +339,10 @@ local function plan_layout(p)
 end
 
 -- The virtio devices: plan.virtio = {{kind = "blk", path=, readonly=, base=,
--- irq=} or {kind = "rng", base=, irq=}, ...}, the disks first; raises (level
--- 3: plan's caller) on bad options, nil + message for a disk that is missing.
+-- irq=} or {kind = "rng", base=, irq=}, ...}, the disks first, the Lua
+-- devices (`opts.virtio`: {kind = "lua", options = vm:virtio's}) last;
+-- raises (level 3: plan's caller) on bad options, nil + message for a disk
+-- that is missing.
 local function plan_virtio(p, opts)
   local list = {}
   if opts.disks ~= nil and type(opts.disks) ~= "table" then
@@ -364,6 +366,18 @@ local function plan_virtio(p, opts)
   if con ~= nil then
     if type(con) ~= "table" then error("linux.plan: 'virtio_console' must be a table {output =, input =}", 3) end
     list[#list + 1] = { kind = "console", output = con.output, input = con.input }
+  end
+  if opts.virtio ~= nil and type(opts.virtio) ~= "table" then
+    error("linux.plan: 'virtio' must be a list of vm:virtio options", 3)
+  end
+  for i, d in ipairs(opts.virtio or {}) do
+    if type(d) ~= "table" or type(d.on_queue) ~= "function" then
+      error(fmt("linux.plan: virtio[%d] must be vm:virtio's options, with an on_queue function", i), 3)
+    end
+    if d.base ~= nil or d.irq ~= nil then
+      error(fmt("linux.plan: virtio[%d]: 'base' and 'irq' are the plan's (the next free slot)", i), 3)
+    end
+    list[#list + 1] = { kind = "lua", options = d }
   end
   if #list > linux.VIRTIO_MAX then
     return nil, fmt("%d virtio devices, at most %d", #list, linux.VIRTIO_MAX)
@@ -461,10 +475,12 @@ end
 --   (rip is ctx.entry), devices =
 --   {serial = {port=, irq=, output=, input=}, power = true, virtio = {{kind =
 --   "blk", path=, readonly=, size=, base=, irq=}, {kind = "rng", base=,
---   irq=} or {kind = "console", output=, input=, base=, irq=}, ...} (only
---   with disks, rng or virtio_console)}, profile = the host
+--   irq=}, {kind = "console", output=, input=, base=, irq=} or {kind =
+--   "lua", options = vm:virtio's options, base=, irq=}, ...} (only with
+--   disks, rng, virtio_console or virtio)}, profile = the host
 --   profile or false, hugepages=}`. Numbers, strings and tables, but for the
---   profile's functions and the console's `output`/`input` as given.
+--   profile's functions, the console's `output`/`input` and the Lua devices'
+--   options as given.
 -- @return[2] nil, message (a bad file, a layout that does not fit, a bad `acpi`, KVM's CPUID failing)
 -- @raise on bad options; what the `bootparams` hook (given the zero page
 --   with `e820` as a kvm.e820 map) and the `cpuid` hook raise
@@ -577,7 +593,7 @@ end
 --- The devices a boot touches: the UART, the legacy ports, with ACPI the
 -- PM1a ports the FADT names (vm:power: S5 ends the run with "poweroff"), and
 -- the virtio devices the DSDT names (`ctx.virtio`, kvm.virtio objects in
--- `plan.devices.virtio` order).
+-- `plan.devices.virtio` order; the Lua ones by vm:virtio).
 function linux.STEPS.devices(ctx, plan)
   local d, vm = plan.devices, ctx.vm
   local s = d.serial
@@ -594,6 +610,10 @@ function linux.STEPS.devices(ctx, plan)
       dev, err = vm:virtio_blk{ path = v.path, readonly = v.readonly, base = v.base, irq = v.irq }
     elseif v.kind == "console" then
       dev = vm:virtio_console{ output = v.output, input = v.input, base = v.base, irq = v.irq }
+    elseif v.kind == "lua" then
+      local o = copy(v.options)
+      o.base, o.irq = v.base, v.irq
+      dev = vm:virtio(o)
     else
       dev, err = vm:virtio_rng{ base = v.base, irq = v.irq }
     end
@@ -860,7 +880,10 @@ end
 --   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`), `disks` (a list
 --   of image paths or `{path =, readonly = false}`: virtio-blk devices, the
 --   first /dev/vda), `rng` (true: a virtio-rng device), `virtio_console`
---   (`{output =, input =}` as vm:virtio_console's: the guest's /dev/hvc0).
+--   (`{output =, input =}` as vm:virtio_console's: the guest's /dev/hvc0),
+--   `virtio` (a list of vm:virtio's options but `base` and `irq`: virtio
+--   devices written in Lua, in the slots after the others; a block device
+--   among them is a /dev/vdX after the `disks`).
 -- @return the Exit that ended the run, and ctx
 -- @return[2] nil, message
 function linux.boot(opts)

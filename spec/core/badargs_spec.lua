@@ -46,6 +46,7 @@ local VM = {
   virtio_blk = { { { path = "/nonexistent" } } },
   virtio_rng = { { {} }, accepts = { [1] = "nil table" } },
   virtio_console = { { { output = false } }, accepts = { [1] = "nil table" } },
+  virtio = { { { type = "entropy", on_queue = print } } },
   -- a path that is a number is a string to Lua: a missing file, nil + msg
   load_elf = { { "/nonexistent", {} }, accepts = { [1] = "string float negative maxinteger", [2] = "nil table" } },
   -- a snapshot of another VM (filled in by the spec): it does not fit, nil + msg

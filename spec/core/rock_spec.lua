@@ -242,7 +242,7 @@ describe("#rock the rock", function()
     local vm_page = f:read("a")
     f:close()
     for _, m in ipairs{ "vm:serial", "vm:power", "vm:debugcon", "vm:on_io", "vm:legacy_ports", "vm:virtio_blk",
-                            "vm:virtio_rng" } do
+                            "vm:virtio_rng", "vm:virtio", "queue:pop", "chain:read", "chain:done" } do
       assert.matches(m, vm_page, 1, true)
     end
   end)

@@ -3,7 +3,9 @@
 -- kernel`). A disk image made from a folder without root (mke2fs -d) is
 -- mounted, read and written in the guest; the host then finds the guest's
 -- file in it (debugfs). Read-only, the guest cannot change a byte of it. The
--- entropy device becomes the guest's hw_random source.
+-- entropy device becomes the guest's hw_random source. Devices written in Lua
+-- (vm:virtio): examples/cow_disk.lua's disk over a read-only image, an
+-- entropy device.
 -- Tagged e2e and userspace: run nested on a kvm_pvm host (tools/test.sh).
 local support = require "support"
 local linux = require "kvm.linux"
@@ -119,5 +121,68 @@ describe("#e2e #userspace virtio-mmio devices in Linux", function()
     assert.equal(before, md5(img))
     assert.equal(0, stats.blk_writes)
     assert.equal(0, stats.virtio_errors)
+  end)
+
+  it("devices written in Lua (vm:virtio): examples/cow_disk.lua's copy-on-write disk, mounted, read and " ..
+     "written: the writes stay in its table, traced, the image unchanged; an entropy device", function()
+    need_kernel()
+    local cow = dofile("examples/cow_disk.lua")
+    local img = ext4_image("cow-marker-from-the-host")
+    local before = md5(img)
+    local trace = {}
+    local disk = assert(cow.new(img, { trace = function(op, sector, n) trace[#trace + 1] = { op, sector, n } end }))
+    local urandom = assert(io.open("/dev/urandom", "rb"))
+    local rng_bytes = 0
+    local entropy = { type = "entropy", on_queue = function(q)
+      for c in q:chains() do
+        local n = math.min(c.writable, 64)
+        rng_bytes = rng_bytes + n
+        c:done(c:write(0, urandom:read(n)))
+      end
+    end }
+    local e, log, stats = boot({ virtio = { disk.options, entropy } }, {
+      { send = "echo luakvm-$((6*7))\n", wait = "luakvm-42" },
+      { send = "mount -t ext4 /dev/vda /mnt && cat /mnt/marker.txt && echo written-in-the-$((2+3))-guest > /mnt/newfile"
+          .. " && sync && umount /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/newfile && umount /mnt"
+          .. " && echo cow-$((4+4))-ok\n", wait = "cow-8-ok" },
+      { send = "cat /sys/devices/virtual/misc/hw_random/rng_current; head -c 64 /dev/hwrng | wc -c\n",
+        wait = "\n64" },
+      { send = "poweroff\n", wait = "reboot: Power down" },
+    })
+    urandom:close()
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.truthy(log:find("[vda] 16384 512-byte logical blocks", 1, true), "no vda in the kernel's log")
+    assert.truthy(log:find("cow-marker-from-the-host", 1, true))
+    assert.truthy(log:find("written-in-the-5-guest", 1, true), "the guest did not read its file back")
+    assert.truthy(log:find("virtio_rng.0", 1, true), "rng_current does not name virtio_rng.0")
+    assert.is_true(rng_bytes >= 64)
+    -- the image: not a byte changed; the guest's writes: in the table, every sector of them traced
+    assert.equal(before, md5(img))
+    local c = disk.counts
+    assert.is_true(c.reads > 0 and c.writes > 0 and c.flushes > 0, "counts: " .. c.reads .. " " .. c.writes)
+    assert.same({ 0, 0 }, { c.errors, c.bad })
+    local traced = {}
+    for _, t in ipairs(trace) do
+      if t[1] == "W" then for s = t[2], t[2] + t[3] - 1 do traced[s] = true end end
+    end
+    local n = 0
+    for s in pairs(disk.overlay) do
+      assert.is_true(traced[s], "sector " .. s .. " written but not traced")
+      n = n + 1
+    end
+    assert.is_true(n > 0)
+    for s in pairs(traced) do assert.is_not_nil(disk.overlay[s], "sector " .. s .. " traced but not in the table") end
+    -- the image and the table together hold the guest's file; the image alone does not
+    local merged = os.tmpname()
+    tmp[#tmp + 1] = merged
+    assert.is_true(disk.save(merged))
+    disk.close()
+    local debugfs = "PATH=$PATH:/sbin:/usr/sbin debugfs -R 'cat /newfile' '%s' 2>&1"
+    local out = support.sh(debugfs:format(merged))
+    assert.truthy(out:find("written-in-the-5-guest", 1, true), out)
+    out = support.sh(debugfs:format(img))
+    assert.falsy(out:find("written-in-the-5-guest", 1, true), out)
+    assert.equal(0, stats.virtio_errors)
+    assert.is_true(stats.virtio_lua_used > 0)
   end)
 end)

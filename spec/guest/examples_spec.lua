@@ -93,11 +93,66 @@ describe("examples #guest", function()
       { "examples/trace_io.lua --bogus", "trace_io: unknown option --bogus" },
       { "examples/memory_layout.lua --timeout",
         "memory_layout: --timeout needs a value\nusage: lua5.4 examples/memory_layout.lua" },
+      { "examples/cow_disk.lua", "cow_disk: no kernel given\nusage: lua5.4 examples/cow_disk.lua KERNEL --base IMAGE" },
+      { "examples/cow_disk.lua vmlinux", "cow_disk: no --base IMAGE given" },
+      { "examples/cow_disk.lua vmlinux --base", "cow_disk: --base needs a value" },
     } do
       code, out = run("lua5.4 " .. case[1])
       assert.equal(2, code, out)
       assert.matches(case[2], out, 1, true)
     end
+    code, out = run("lua5.4 examples/cow_disk.lua vmlinux --base /nonexistent.img")
+    assert.equal(1, code, out)
+    assert.equal("cow_disk: /nonexistent.img: No such file or directory\n", out)
+  end)
+end)
+
+describe("examples that boot Linux to its shell #e2e #userspace", function()
+  local INITRD = (os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel") .. "/initramfs.cpio.gz"
+
+  it("cow_disk.lua: the guest writes to its disk; the trace, the saved image; the base image unchanged", function()
+    support.need_kvm()
+    if not exists(KERNEL) or not exists(INITRD) then return pending("no kernel or initramfs: run make kernel") end
+    local dir = support.sh("mktemp -d"):match("^(%S+)")
+    local base, trace, saved = dir .. "/base.img", dir .. "/trace", dir .. "/saved.img"
+    local f = assert(io.open(base, "wb"))
+    f:write(("B"):rep(4096), ("C"):rep(4096))
+    f:close()
+    local steps = {
+      { send = "echo cow-$((6*7))\n" },
+      { send = "head -c 8 /dev/vda | tr B b; echo; printf from-guest | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync"
+          .. " 2>/dev/null; echo wrote-$((4+5))\n" },
+      { send = "poweroff\n" },
+    }
+    local waits = { "LUAKVM-INIT-OK", "cow-42", "wrote-9" }
+    local typist = support.typist(steps, ("timeout 400 lua5.4 examples/cow_disk.lua %s --initrd %s --base %s --trace %s"
+      .. " --save %s --timeout 300 2>&1"):format(KERNEL, INITRD, base, trace, saved))
+    local out, stage = {}, 1
+    for line in typist.pipe:lines("L") do
+      out[#out + 1] = line
+      if waits[stage] and line:find(waits[stage], 1, true) then typist.go(stage); stage = stage + 1 end
+    end
+    typist.close()
+    local all = table.concat(out)
+    local function try(path) local ok, bytes = pcall(support.slurp, path) return ok and bytes or "" end
+    local traced, saved_bytes, base_bytes = try(trace), try(saved), try(base)
+    os.execute("rm -rf '" .. dir .. "'")
+    assert.equal(4, stage, all)
+    assert.matches("bbbbbbbb", all, 1, true)                              -- from the image
+    assert.matches("cow_disk: the run ended: poweroff", all, 1, true)
+    assert.matches("cow_disk: the guest read %d+ sectors from " .. base:gsub("%p", "%%%0")
+      .. ", wrote 8 %(8 kept in the table%), %d+ flushes, 0 requests refused", all)
+    assert.matches("cow_disk: the image with the guest's writes is in " .. saved, all, 1, true)
+    -- the trace: the page written (sectors 8-15), reads before it
+    local written = {}
+    for first, n in traced:gmatch("W (%d+) (%d+)\n") do
+      for sct = tonumber(first), tonumber(first) + tonumber(n) - 1 do written[#written + 1] = sct end
+    end
+    table.sort(written)
+    assert.same({ 8, 9, 10, 11, 12, 13, 14, 15 }, written)
+    assert.matches("^R %d+ %d+\n", traced)
+    assert.equal(("B"):rep(4096) .. "from-guest" .. ("\0"):rep(4086), saved_bytes)
+    assert.equal(("B"):rep(4096) .. ("C"):rep(4096), base_bytes)
   end)
 end)
 

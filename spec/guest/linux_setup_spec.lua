@@ -54,6 +54,21 @@ describe("#guest kvm.linux.setup", function()
     ctx.vm:close()
   end)
 
+  it("makes the virtio devices written in Lua (opts.virtio) in their slots, after the others", function()
+    support.need_kvm()
+    local o = { type = "entropy", on_queue = function() end, config = "cfg" }
+    local ctx = assert(linux.setup{ kernel = tmpfile(bzimage()), memory = 32 << 20, profile = false,
+      output = function() end, rng = true, virtio = { o } })
+    assert.equal(2, #ctx.virtio)
+    assert.same({ "virtio-rng", 0xfeb00000, 16 }, { ctx.virtio[1]:info().kind, ctx.virtio[1]:info().base,
+                                                   ctx.virtio[1]:info().irq })
+    assert.same({ "virtio", 4, 0xfeb00200, 17 }, { ctx.virtio[2]:info().kind, ctx.virtio[2]:info().device_id,
+                                                  ctx.virtio[2]:info().base, ctx.virtio[2]:info().irq })
+    assert.equal(0x676663, ctx.virtio[2]:read(0x100, 4))
+    assert.is_nil(o.base)                                  -- the options given are left as they were
+    ctx.vm:close()
+  end)
+
   it("loads an ELF at its physical address and enters at e_entry", function()
     support.need_kvm()
     local code = "\xb0\x07"             -- mov al, 7

@@ -6,16 +6,15 @@
 -- registers through the run loop.
 local support = require "support"
 
-local R = { MAGIC = 0x000, VERSION = 0x004, DEVICE_ID = 0x008, VENDOR = 0x00c,
-            DEV_FEAT = 0x010, DEV_FEAT_SEL = 0x014, DRV_FEAT = 0x020, DRV_FEAT_SEL = 0x024,
-            QSEL = 0x030, QNUM_MAX = 0x034, QNUM = 0x038, QREADY = 0x044, NOTIFY = 0x050,
-            ISR = 0x060, ACK = 0x064, STATUS = 0x070, DESC = 0x080, DRIVER = 0x090,
-            DEVICE = 0x0a0, GEN = 0x0fc, CONFIG = 0x100 }
-local ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = 1, 2, 4, 8, 64
-local NEXT, WRITE, INDIRECT = 1, 2, 4
-local DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000   -- the rings in guest memory
-local BUF = 0x20000                                     -- buffers from here
-local RAM = 1 << 20
+local vd = require "virtio_driver"
+
+local R = vd.R
+local ACK, DRIVER, FEATURES_OK, NEEDS_RESET = vd.ACK, vd.DRIVER, vd.FEATURES_OK, vd.NEEDS_RESET
+local NEXT, WRITE, INDIRECT = vd.NEXT, vd.WRITE, vd.INDIRECT
+local DESC, USED = vd.DESC, vd.USED
+local BUF = vd.BUF
+local RAM = vd.RAM
+local new_vm, w, r, driver, blk_req = vd.new_vm, vd.w, vd.r, vd.driver, vd.blk_req
 
 local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.remove(p) end end)
@@ -25,75 +24,6 @@ local function image(n)
   local t = {}
   for i = 0, n - 1 do t[#t + 1] = string.char(65 + i % 26):rep(512) end
   return support.write_tmp(table.concat(t), tmp)
-end
-
-local function new_vm()
-  local kvm = require "kvm"
-  local vm = assert(kvm.vm())
-  assert(vm:memory{ guest = 0, size = RAM })
-  assert(vm:irqchip())
-  return vm
-end
-
-local function w(dev, reg, v) dev:write(reg, 4, v) end
-local function r(dev, reg) return dev:read(reg, 4) end
-
--- A driver: negotiate (VERSION_1 and `features`), set up queue 0 with `num`
--- entries, DRIVER_OK. Returns a queue object: q:submit{{addr, len, flags}...}
--- puts one chain in the rings and notifies; q:used() reads the last used entry.
-local function driver(vm, dev, o)
-  o = o or {}
-  w(dev, R.STATUS, 0)
-  w(dev, R.STATUS, ACK)
-  w(dev, R.STATUS, ACK | DRIVER)
-  w(dev, R.DRV_FEAT_SEL, 1); w(dev, R.DRV_FEAT, o.features_hi or 1)
-  w(dev, R.DRV_FEAT_SEL, 0); w(dev, R.DRV_FEAT, o.features or 0)
-  w(dev, R.STATUS, ACK | DRIVER | FEATURES_OK)
-  assert.equal(ACK | DRIVER | FEATURES_OK, r(dev, R.STATUS))
-  local num = o.num or 8
-  w(dev, R.QSEL, 0)
-  w(dev, R.QNUM, num)
-  w(dev, R.DESC, o.desc or DESC); w(dev, R.DESC + 4, 0)
-  w(dev, R.DRIVER, o.avail or AVAIL); w(dev, R.DRIVER + 4, 0)
-  w(dev, R.DEVICE, o.used or USED); w(dev, R.DEVICE + 4, 0)
-  vm:write(AVAIL, ("\0"):rep(6 + 2 * num))
-  vm:write(USED, ("\0"):rep(6 + 8 * num))
-  w(dev, R.QREADY, 1)
-  w(dev, R.STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-  local q = { idx = 0, num = num }
-  -- descs: {addr, len, flags, next}; head: the first's index (0)
-  function q.put(descs, head, avail_idx)
-    for i, d in ipairs(descs) do
-      local flags = d[3] or 0
-      local nxt = d[4] or (flags & NEXT ~= 0 and i or 0)
-      vm:write(DESC + 16 * (i - 1), string.pack("<I8I4I2I2", d[1], d[2], flags, nxt))
-    end
-    vm:write(AVAIL + 4 + 2 * (q.idx % num), string.pack("<I2", head or 0))
-    q.idx = avail_idx or ((q.idx + 1) & 0xffff)
-    vm:write(AVAIL + 2, string.pack("<I2", q.idx))
-  end
-  function q.submit(descs, head, avail_idx)
-    q.put(descs, head, avail_idx)
-    w(dev, R.NOTIFY, 0)
-  end
-  function q.used()
-    local idx = vm:u16(USED + 2)
-    local e = (idx - 1) % num
-    return idx, vm:u32(USED + 4 + 8 * e), vm:u32(USED + 8 + 8 * e)
-  end
-  return q
-end
-
--- a block request: header at BUF, data at BUF + 0x100, status at BUF + 0x80
-local function blk_req(q, vm, typ, sector, data_len, data_dir, data)
-  vm:write(BUF, string.pack("<I4I4I8", typ, 0, sector))
-  vm:write(BUF + 0x80, "\xee")
-  if data then vm:write(BUF + 0x100, data) end
-  local descs = { { BUF, 16, NEXT } }
-  if data_len then descs[#descs + 1] = { BUF + 0x100, data_len, NEXT | (data_dir == "in" and WRITE or 0) } end
-  descs[#descs + 1] = { BUF + 0x80, 1, WRITE }
-  q.submit(descs)
-  return vm:u8(BUF + 0x80)
 end
 
 describe("virtio-mmio #guest", function()

@@ -193,6 +193,35 @@ describe("kvm.linux.plan", function()
       support.err(function() plan{ kernel = kernel, virtio_console = true } end))
   end)
 
+  it("plans virtio devices written in Lua after the others, their options as given", function()
+    local kernel = tmpfile(elf())
+    local d1 = tmpfile(("\0"):rep(4096))
+    local fn = function() end
+    local cow = { type = "block", on_queue = fn, config = "x" }
+    local p = assert(plan{ kernel = kernel, disks = { d1 }, virtio = { cow, { type = "entropy", on_queue = fn } } })
+    assert.same({ "blk", "lua", "lua" }, { p.devices.virtio[1].kind, p.devices.virtio[2].kind, p.devices.virtio[3].kind })
+    assert.equal(cow, p.devices.virtio[2].options)
+    assert.same({ 0xfeb00200, 17, 0xfeb00400, 18 }, { p.devices.virtio[2].base, p.devices.virtio[2].irq,
+                                                    p.devices.virtio[3].base, p.devices.virtio[3].irq })
+    assert.is_true(linux.wants_modules{ virtio = { cow } })
+    assert.is_false(linux.wants_modules{ virtio = {} })
+    assert.is_nil(p.cmdline:find("nomodules", 1, true))
+    local dsdt
+    for _, b in ipairs(p.acpi.blobs) do if b.name == "DSDT" then dsdt = b.bytes end end
+    local n = 0
+    for _ in dsdt:gmatch("LNRO0005") do n = n + 1 end
+    assert.equal(3, n)
+    for _, case in ipairs{
+      { 1, "linux.plan: 'virtio' must be a list of vm:virtio options" },
+      { { 1 }, "linux.plan: virtio[1] must be vm:virtio's options, with an on_queue function" },
+      { { { type = "block" } }, "linux.plan: virtio[1] must be vm:virtio's options, with an on_queue function" },
+      { { { type = "block", on_queue = fn, irq = 5 } },
+        "linux.plan: virtio[1]: 'base' and 'irq' are the plan's (the next free slot)" },
+    } do
+      assert.equal(case[2], support.err(function() plan{ kernel = kernel, virtio = case[1] } end))
+    end
+  end)
+
   it("returns nil and a message for what does not fit, and raises on bad options", function()
     local kernel = tmpfile(support.make_bzimage())
     assert.same({ nil, ("layout: zero_page (0x20000-0x20fff) overlaps cmdline (0x20000-0x%x)"):format(
