@@ -440,8 +440,10 @@ static void check_still(lua_State *L, Vm *vm, const char *fn) {
 events, local APIC and MP state, the in-kernel irqchip, PIT and clock, each
 device's state, and guest memory (a copy, zero pages not stored). From then
 on the VM tracks which pages change, so `vm:restore` of this snapshot copies
-back only those. Lua devices (vm:on_io, vm:on_mmio, vm:virtio) keep their
-state in the script and are left out. Call it between runs.
+back only those. Lua port and MMIO handlers (vm:on_io, vm:on_mmio) keep
+their state in the script and are left out; a Lua virtio device (vm:virtio)
+is saved as far as its transport goes, and refuses while the script holds a
+chain. Call it between runs.
 @function vm:snapshot
 @treturn kvm.snapshot
 @return[2] fail, message, errno (a KVM call failed, a device cannot be saved now)

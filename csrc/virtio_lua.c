@@ -483,14 +483,43 @@ static const VirtioType script_type = {
   .stats = vlua_stats,
 };
 
-/* no save or restore: the device's state is the script's as much as the
-   transport's (its chains held, what its tables keep), and a snapshot leaves
-   it out, as it does a Lua port device (luadev.c) */
+/* Snapshots: the transport (registers, queues, config) is saved as a C
+   device's is; what the script keeps (its tables) is the script's. A chain
+   the script holds cannot be saved, so a snapshot is refused while one is
+   held or taken; a restore forgets the chains of the calls before it. */
+static int vlua_save(Device *dv, SnapBuf *b, char *err, size_t errlen) {
+  VLua *d = (VLua *)dv;
+  int held = 0;
+  for (int i = 0; i < VIRTIO_MAX_QUEUES; i++) held += d->lq[i].inflight;
+  if (held || d->pending) {
+    snprintf(err, errlen, "%d chain%s held by the script%s: finish them (chain:done) first", held,
+             held == 1 ? "" : "s", d->pending ? ", a notify not yet handled" : "");
+    return -1;
+  }
+  return virtio_save(dv, b, err, errlen);
+}
+
+static int vlua_restore(Device *dv, const uint8_t *p, size_t n, int apply, char *err, size_t errlen) {
+  if (virtio_restore(dv, p, n, apply, err, errlen) < 0) return -1;
+  if (apply) {
+    VLua *d = (VLua *)dv;
+    d->gen++;                    /* views of the calls before are dropped */
+    d->pending = 0;
+    for (int i = 0; i < VIRTIO_MAX_QUEUES; i++) {
+      d->lq[i].nheld = 0;
+      d->lq[i].inflight = 0;
+    }
+  }
+  return 0;
+}
+
 static const DeviceOps script_ops = {
   .kind = "virtio-lua",
   .access = vlua_access,
   .close = virtio_close,
   .stats = virtio_stats,
+  .save = vlua_save,
+  .restore = vlua_restore,
   .lua = 1,
 };
 
@@ -583,8 +612,8 @@ call used chains, the used interrupt follows. The fields `queue.index`,
 `dev.driver_features`) and `queue.device` help. The handler runs on the thread of the Lua state, one at
 a time, a vCPU waiting; its error ends run() with it. The guest finds the
 device through the ACPI DSDT (kvm.linux's `virtio` option). A snapshot
-(vm:snapshot) leaves it out, as it does vm:on_io's devices: its state is
-the script's.
+(vm:snapshot) keeps its transport (registers, queues, config), not what the
+script's tables keep, and is refused while the script holds a chain.
 @function vm:virtio
 @tparam table opts `type` ("block", "console", "entropy" or a device id,
   required), `on_queue` (function(queue), required), `queues` (1..8,

@@ -438,21 +438,32 @@ describe("vm:virtio: a virtio device written in Lua #guest", function()
     vm:close()
   end)
 
-  it("a snapshot leaves it out: a restore changes neither its transport nor its held chains", function()
+  it("a snapshot keeps its transport, and is refused while the script holds a chain", function()
     support.need_kvm()
     local vm = new_vm()
     assert(vm:vcpu(0))
-    local heads = {}
-    local dev = device(vm, function(q) for c in q:chains() do heads[#heads + 1] = c.head end end)
+    local heads, hold = {}, true
+    local dev = device(vm, function(q)
+      for c in q:chains() do
+        heads[#heads + 1] = c.head
+        if not hold then c:done(0) end
+      end
+    end)
     local q = driver(vm, dev)
-    q.submit(one_writable(BUF, 8, 2))
+    q.submit(one_writable(BUF, 8, 2))                      -- held by the script
+    local ok, msg = vm:snapshot()
+    assert.is_nil(ok)
+    assert.matches("device virtio%-lua: 1 chain held by the script: finish them %(chain:done%) first", msg)
+    hold = false
+    dev:process(0)                                         -- done now
     local snap = assert(vm:snapshot())
-    w(dev, R.STATUS, 0)                                    -- reset: the held chain is dropped
+    local before = dev:info()
+    w(dev, R.STATUS, 0)                                    -- a reset
+    assert.equal(0, dev:info().status)
     assert.is_true(vm:restore(snap))
-    assert.same({ 0, false }, { dev:info().status, dev:info().queues[1].ready })
-    q = driver(vm, dev)
-    dev:process(0)
-    assert.same({ 2 }, heads)                              -- nothing held came back
+    assert.same(before, dev:info())                        -- back as it was
+    q.submit(one_writable(BUF + 0x100, 8, 3))              -- and the queue goes on
+    assert.same({ 2, 2, 3 }, heads)
     vm:close()
   end)
 
