@@ -737,12 +737,20 @@ static int load_sections(Ld *ld, Snapshot *s, const uint8_t *hdr) {
                      desc, (unsigned long long)len, (unsigned long long)(ld->size - ld->off));
     }
     if (kind == SF_S_END) {
-      if (len != 0 || id != k - 1 || k - 1 != sections)
-        return ld_fail(ld, EINVAL, "section %u (END): it ends %u sections, the header says %u",
-                       (unsigned)k, (unsigned)id, (unsigned)sections);
-      if (ld->off != ld->size || ld->off != file_len)
-        return ld_fail(ld, EINVAL, "%llu bytes after the END section (the header says the file "
-                       "has %llu bytes, it has %llu)", (unsigned long long)(ld->size - ld->off),
+      if (len != 0)
+        return ld_fail(ld, EINVAL, "section %u (END): %llu bytes of payload, it has none",
+                       (unsigned)k, (unsigned long long)len);
+      if (id != k - 1)
+        return ld_fail(ld, EINVAL, "section %u (END): it counts %u sections before it, there were %u",
+                       (unsigned)k, (unsigned)id, (unsigned)(k - 1));
+      if (k - 1 != sections)
+        return ld_fail(ld, EINVAL, "section %u (END): the header says there are %u sections, there "
+                       "were %u", (unsigned)k, (unsigned)sections, (unsigned)(k - 1));
+      if (ld->off != ld->size)
+        return ld_fail(ld, EINVAL, "%llu bytes after the END section",
+                       (unsigned long long)(ld->size - ld->off));
+      if (ld->size != file_len)
+        return ld_fail(ld, EINVAL, "the header says the file has %llu bytes, it has %llu",
                        (unsigned long long)file_len, (unsigned long long)ld->size);
       return 0;
     }
@@ -798,13 +806,15 @@ static int load_fd(int fd, Snapshot *s, char *err, size_t errlen) {
   if (!S_ISREG(st.st_mode)) return ld_fail(&ld, EINVAL, "not a regular file");
   ld.size = (uint64_t)st.st_size;
   uint8_t h[SF_HDR_LEN];
+  memset(h, 0, sizeof h);
   if (ld.size == 0) return ld_fail(&ld, EINVAL, "empty");
   int en = ld_read(&ld, h, ld.size < SF_HDR_LEN ? (size_t)ld.size : SF_HDR_LEN);
   if (en) return ld_fail(&ld, en, "read: %s", strerror(en));
   if (ld.size < 8 || memcmp(h, SF_MAGIC, 8) != 0)
     return ld_fail(&ld, EINVAL, "not a luakvm snapshot (no \"" SF_MAGIC "\" at its start)");
-  if (ld.size < 16)
-    return ld_fail(&ld, EINVAL, "truncated in its header (%llu bytes)", (unsigned long long)ld.size);
+  if (ld.size < 12)
+    return ld_fail(&ld, EINVAL, "truncated in its header (%llu bytes of %u)",
+                   (unsigned long long)ld.size, SF_HDR_LEN);
   uint32_t version = get32(h + 8), hlen = get32(h + 12);
   if (version != SF_VERSION)
     return ld_fail(&ld, EINVAL, "format version %u, this luakvm reads %u", (unsigned)version, SF_VERSION);
