@@ -11,6 +11,7 @@
 @classmod kvm.vm
 */
 #include "sink.h"
+#include "snapdev.h"
 
 #define DEBUGCON_TICK_NS 10000000u
 
@@ -39,12 +40,40 @@ static void debugcon_stats(Device *d, lua_State *L) {
   kvm_add_count(L, "debugcon_tx", ((Debugcon *)d)->out.bytes);
 }
 
+/* ---- snapshots ---- */
+
+/* Version 1 of a debug console's state, after the version word: its port
+   (u32). It has no other: a read answers the port, a write is output (what
+   the guest wrote before the snapshot is the past; where output goes is the
+   restoring VM's). */
+#define DEBUGCON_SNAP_VERSION 1
+
+static int debugcon_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
+  snapbuf_u32(b, DEBUGCON_SNAP_VERSION);
+  snapbuf_u32(b, ((Debugcon *)d)->port);
+  return snapdev_saved(b, err, errlen);
+}
+
+static int debugcon_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err,
+                            size_t errlen) {
+  SnapRd r = { p, n, 0, 0 };
+  if (snapdev_version(&r, DEBUGCON_SNAP_VERSION, err, errlen) < 0) return -1;
+  uint32_t port = snaprd_u32(&r);
+  if (snapdev_end(&r, err, errlen) < 0) return -1;
+  if (port != ((Debugcon *)d)->port)
+    return snapdev_fail(err, errlen, "a debug console at port 0x%x, this one is at 0x%x", port,
+                        ((Debugcon *)d)->port);
+  return 0;
+}
+
 static const DeviceOps debugcon_ops = {
   .kind = "debugcon",
   .access = debugcon_access,
   .tick = debugcon_flush,        /* output without a newline, while the guest runs */
   .flush = debugcon_flush,
   .stats = debugcon_stats,
+  .save = debugcon_save,
+  .restore = debugcon_restore,
 };
 
 /*** Claim a debug console port: what the guest writes there goes to

@@ -9,7 +9,7 @@
 */
 #include <string.h>
 
-#include "luakvm.h"
+#include "snapdev.h"
 
 static int debugexit_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size,
                             uint8_t *data) {
@@ -24,9 +24,27 @@ static int debugexit_access(Device *d, BusCall *bc, uint64_t addr, int is_write,
   return BUS_STOP;
 }
 
+/* Version 1 of a debug-exit port's state: the version word alone (it keeps
+   none), so that the device is in the snapshot and a restore finds it. */
+#define DEBUGEXIT_SNAP_VERSION 1
+
+static int debugexit_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
+  snapbuf_u32(b, DEBUGEXIT_SNAP_VERSION);
+  return snapdev_saved(b, err, errlen);
+}
+
+static int debugexit_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err,
+                             size_t errlen) {
+  SnapRd r = { p, n, 0, 0 };
+  if (snapdev_version(&r, DEBUGEXIT_SNAP_VERSION, err, errlen) < 0) return -1;
+  return snapdev_end(&r, err, errlen);
+}
+
 static const DeviceOps debugexit_ops = {
   .kind = "debug_exit",
   .access = debugexit_access,
+  .save = debugexit_save,
+  .restore = debugexit_restore,
 };
 
 /*** Claim a debug-exit port: a guest write of a byte makes run() return

@@ -125,7 +125,7 @@ static int check_segment(Load *ld, Seg *s) {
     return fail(ld, 0, "segment %d (0x%" PRIx64 " + 0x%" PRIx64
                 ") wraps around the address space",
                 s->index, s->load, s->memsz);
-  s->host = kvm_gpa_ptr(ld->vm, s->load, s->memsz);
+  s->host = kvm_gpa_wptr(ld->vm, s->load, s->memsz);
   if (s->host == NULL)
     return fail(ld, 0, "segment %d (0x%" PRIx64 "-0x%" PRIx64
                 ") is outside guest memory", s->index, s->load, end);

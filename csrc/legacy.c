@@ -18,7 +18,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "luakvm.h"
+#include "snapdev.h"
 
 #define LEGACY_I8042  0x01
 #define LEGACY_PCI    0x02
@@ -395,9 +395,109 @@ static int legacy_access(Device *d, BusCall *bc, uint64_t addr, int is_write, un
   return BUS_STOP;
 }
 
+/* ---- snapshots ---- */
+
+/* Version 1 of the legacy ports' state, after the version word: the parts
+   claimed (u32, to refuse a snapshot with others); port 0x61; the i8042's
+   pending command, status flags, last byte read, command byte and output
+   port, then its output queue (a count byte, then a {byte, flags} pair per
+   entry, oldest first); the CMOS index and NMI mask, the 128 bytes of CMOS
+   RAM and the clock's offset from the host's UTC (s64, seconds); the PCI
+   address register (u32), 0xcf9 and the last POST code. The IRQ 1 and 12
+   lines follow from the queue and are driven again. The boot markers are
+   the host's record of this VM's run, not the machine's: they stay. */
+#define LEGACY_SNAP_VERSION 1
+/* the clock's offset: a guest can set any BCD fields (up to year 16599 with
+   digits above 9), so some 14,000 years away; more is a corrupt file */
+#define RTC_OFFSET_MAX (1ll << 40)
+
+static int legacy_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
+  Legacy *lg = (Legacy *)d;
+  snapbuf_u32(b, LEGACY_SNAP_VERSION);
+  snapbuf_u32(b, lg->parts);
+  const uint8_t kbd[6] = { lg->port61, lg->i8042_cmd, lg->i8042_status, lg->i8042_out,
+                           lg->i8042_ctr, lg->i8042_outport };
+  snapbuf_put(b, kbd, sizeof kbd);
+  snapbuf_u8(b, (uint8_t)lg->kbdq_count);
+  for (int i = 0; i < lg->kbdq_count; i++) {
+    int k = (lg->kbdq_head + i) % LEGACY_KBDQ;
+    snapbuf_u8(b, lg->kbdq[k]);
+    snapbuf_u8(b, lg->kbdq_flags[k]);
+  }
+  snapbuf_u8(b, lg->cmos_index);
+  snapbuf_u8(b, lg->cmos_nmi_masked);
+  snapbuf_put(b, lg->cmos_ram, sizeof lg->cmos_ram);
+  snapbuf_u64(b, (uint64_t)lg->rtc_offset);
+  snapbuf_u32(b, lg->pci_addr);
+  snapbuf_u8(b, lg->pci_rcr);
+  snapbuf_u8(b, lg->post_last);
+  return snapdev_saved(b, err, errlen);
+}
+
+static int legacy_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, size_t errlen) {
+  Legacy *lg = (Legacy *)d;
+  SnapRd r = { p, n, 0, 0 };
+  if (snapdev_version(&r, LEGACY_SNAP_VERSION, err, errlen) < 0) return -1;
+  uint32_t parts = snaprd_u32(&r);
+  uint8_t kbd[6];
+  snaprd_get(&r, kbd, sizeof kbd);
+  uint8_t q[LEGACY_KBDQ], qf[LEGACY_KBDQ];
+  uint8_t qn = snaprd_u8(&r);
+  if (qn > LEGACY_KBDQ)
+    return snapdev_fail(err, errlen, "i8042 queue holds %u bytes (at most %d)", qn, LEGACY_KBDQ);
+  for (int i = 0; i < qn; i++) {
+    q[i] = snaprd_u8(&r);
+    qf[i] = snaprd_u8(&r);
+    if (qf[i] & ~(Q_AUX | Q_TIMEOUT))
+      return snapdev_fail(err, errlen, "i8042 queue entry %d has flags 0x%x (0-3)", i, qf[i]);
+  }
+  uint8_t index = snaprd_u8(&r), nmi = snaprd_u8(&r);
+  uint8_t ram[sizeof lg->cmos_ram];
+  snaprd_get(&r, ram, sizeof ram);
+  int64_t offset = (int64_t)snaprd_u64(&r);
+  uint32_t pci_addr = snaprd_u32(&r);
+  uint8_t rcr = snaprd_u8(&r), post = snaprd_u8(&r);
+  if (snapdev_end(&r, err, errlen) < 0) return -1;
+  if (parts != lg->parts)
+    return snapdev_fail(err, errlen, "legacy ports with parts 0x%x, these have 0x%x", parts, lg->parts);
+  if (index > 0x7f) return snapdev_fail(err, errlen, "CMOS index 0x%02x (0-0x7f)", index);
+  if (nmi > 1) return snapdev_fail(err, errlen, "CMOS NMI mask %u (0 or 1)", nmi);
+  if (offset > RTC_OFFSET_MAX || offset < -RTC_OFFSET_MAX)
+    return snapdev_fail(err, errlen, "clock offset %lld s (at most 2^40)", (long long)offset);
+  if (rcr & ~0x0a) return snapdev_fail(err, errlen, "reset control 0x%02x (bits 3, 1 only)", rcr);
+  if (!apply) return 0;
+
+  lg->port61 = kbd[0];
+  lg->i8042_cmd = kbd[1];
+  lg->i8042_status = kbd[2];
+  lg->i8042_out = kbd[3];
+  lg->i8042_ctr = kbd[4];
+  lg->i8042_outport = kbd[5];
+  memcpy(lg->kbdq, q, qn);
+  memcpy(lg->kbdq_flags, qf, qn);
+  lg->kbdq_head = 0;
+  lg->kbdq_count = qn;
+  lg->cmos_index = index;
+  lg->cmos_nmi_masked = nmi;
+  memcpy(lg->cmos_ram, ram, sizeof ram);
+  lg->rtc_offset = offset;
+  lg->pci_addr = pci_addr;
+  lg->pci_rcr = rcr;
+  lg->post_last = post;
+  /* both lines to their levels, whatever they were (kbd_update_irq drives
+     a line only when it changes) */
+  lg->irq1_level = lg->irq12_level = -1;
+  kbd_update_irq(lg);
+  if (lg->irq1_level < 0) lg->irq1_level = 0;
+  if (lg->irq12_level < 0) lg->irq12_level = 0;
+  return 0;
+}
+
 static const DeviceOps legacy_ops = {
   .kind = "legacy",
   .access = legacy_access,
+  .save = legacy_save,
+  .restore = legacy_restore,
 };
 
 /* ---- Lua ---- */

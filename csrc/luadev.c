@@ -94,6 +94,8 @@ static int luadev_access(Device *d, BusCall *bc, uint64_t addr, int is_write, un
   return take_result(L, is_mmio, bc, addr, is_write, size, data);
 }
 
+/* no save or restore: a Lua device's state lives in its script (a
+   snapshot leaves it out; the script keeps its own alongside) */
 static const DeviceOps luadev_ops = {
   .kind = "lua",
   .access = luadev_access,

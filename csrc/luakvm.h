@@ -58,7 +58,10 @@ struct Vm {
   int running;                   /* vcpus inside run() */
   int threads;                   /* vm:run's vCPU threads are running */
   int has_irqchip;
+  int has_pit;
   uint64_t created_ns;
+  uint64_t baseline;             /* the snapshot its memory equals but for the
+                                    pages logged dirty since (snapshot.c), or 0 */
 };
 
 struct Memory {
@@ -67,7 +70,18 @@ struct Memory {
   uint64_t guest, size;
   uint32_t slot, flags;
   int vm_closed;
+  int logging;                   /* KVM logs its dirty pages (dirty_log, or a snapshot) */
+  uint64_t *vmm_dirty;           /* a bit per page the VMM wrote since the VM's
+                                    snapshot baseline (kvm_mem_mark), or NULL */
 };
+
+/* note that the VMM (a device, vm:write) writes [off, off+len) of a region:
+   a snapshot restore copies those pages back too (KVM logs only the guest's) */
+static inline void kvm_mem_mark(Memory *m, uint64_t off, uint64_t len) {
+  if (m->vmm_dirty == NULL || len == 0) return;
+  for (uint64_t pg = off >> 12; pg <= (off + len - 1) >> 12; pg++)
+    __atomic_fetch_or(&m->vmm_dirty[pg >> 6], 1ull << (pg & 63), __ATOMIC_RELAXED);
+}
 
 struct Vcpu {
   int fd;                        /* -1 when closed */
@@ -110,6 +124,8 @@ Vcpu *kvm_checkvcpu(lua_State *L, int arg);
 Vcpu *kvm_checkvcpu_still(lua_State *L, int arg);
 /* host pointer for [gpa, gpa+len) when one region holds it all, else NULL */
 uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len);
+/* ... to write through: the pages are marked for a snapshot restore (kvm_mem_mark) */
+uint8_t *kvm_gpa_wptr(Vm *vm, uint64_t gpa, uint64_t len);
 
 int kvm_checkcap(lua_State *L, int arg);
 /* t[k] += n for the table on the stack top (a counter several devices add to) */
@@ -169,6 +185,8 @@ void kvm_open_socket(lua_State *L);
 
 /* snapshot.c: the kvm.snapshot class; vm:snapshot, vm:restore */
 void kvm_open_snapshot(lua_State *L);
+int  l_vm_snapshot(lua_State *L);
+int  l_vm_restore(lua_State *L);
 
 /* sandbox.c */
 int  l_sandbox(lua_State *L);                         /* kvm.sandbox{allow=, action=} */

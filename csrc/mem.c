@@ -9,6 +9,7 @@ A guest memory region (a KVM memory slot), made by `vm:memory{...}`.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -136,6 +137,7 @@ int l_vm_memory(lua_State *L) {
   m->size = size;
   m->slot = (uint32_t)slot;
   m->flags = r.flags;
+  m->logging = dirty;
   vm->regions[slot] = m;
   /* the VM keeps its memories alive: dropping the handle must not unmap RAM */
   lua_getiuservalue(L, 1, 1);
@@ -167,6 +169,8 @@ static int l_mem_close(lua_State *L) {
   if (vm->regions[m->slot] == m) vm->regions[m->slot] = NULL;
   munmap(m->host, m->size);
   m->host = NULL;
+  free(m->vmm_dirty);
+  m->vmm_dirty = NULL;
   if (lua_getiuservalue(L, 1, 1) == LUA_TUSERDATA &&
       lua_getiuservalue(L, -1, 1) == LUA_TTABLE &&
       lua_getfield(L, -1, "memories") == LUA_TTABLE) {
@@ -192,19 +196,21 @@ static int l_mem_tostring(lua_State *L) {
 }
 
 /* [off, off+len) inside the region, else raise */
-static uint8_t *span(lua_State *L, Memory *m, int offarg, lua_Integer off, lua_Integer len) {
+static uint8_t *span(lua_State *L, Memory *m, int offarg, lua_Integer off, lua_Integer len,
+                     int write) {
   uint64_t end;
   if (off < 0) luaL_argerror(L, offarg, "negative offset");
   if (len < 0) luaL_argerror(L, offarg + 1, "negative length");
   if (__builtin_add_overflow((uint64_t)off, (uint64_t)len, &end) || end > m->size)
     luaL_error(L, "range %s+%s is outside the region (size %s)", kvm_pushhex(L, (uint64_t)(off)), kvm_pushhex(L, (uint64_t)(len)), kvm_pushhex(L, (uint64_t)(m->size)));
+  if (write) kvm_mem_mark(m, (uint64_t)off, (uint64_t)len);   /* for a snapshot restore */
   return m->host + off;
 }
 
 static int l_mem_read(lua_State *L) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2), len = luaL_checkinteger(L, 3);
-  uint8_t *p = span(L, m, 2, off, len);
+  uint8_t *p = span(L, m, 2, off, len, 0);
   lua_pushlstring(L, (const char *)p, (size_t)len);
   return 1;
 }
@@ -214,7 +220,7 @@ static int l_mem_write(lua_State *L) {
   lua_Integer off = luaL_checkinteger(L, 2);
   size_t len;
   const char *s = luaL_checklstring(L, 3, &len);
-  uint8_t *p = span(L, m, 2, off, (lua_Integer)len);
+  uint8_t *p = span(L, m, 2, off, (lua_Integer)len, 1);
   memcpy(p, s, len);
   return 0;
 }
@@ -226,7 +232,7 @@ static int l_mem_fill(lua_State *L) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2), len = luaL_checkinteger(L, 3);
   int byte = (int)kvm_checkrange(L, 4, 0, 255, "byte");
-  uint8_t *p = span(L, m, 2, off, len);
+  uint8_t *p = span(L, m, 2, off, len, 1);
   memset(p, byte, (size_t)len);
   return 0;
 }
@@ -251,7 +257,7 @@ int kvm_mem_access(lua_State *L, uint8_t *p, int width, int valarg) {
 static int mem_uN(lua_State *L, int width) {
   Memory *m = kvm_checkmemory(L, 1);
   lua_Integer off = luaL_checkinteger(L, 2);
-  return kvm_mem_access(L, span(L, m, 2, off, width), width, 3);
+  return kvm_mem_access(L, span(L, m, 2, off, width, !lua_isnoneornil(L, 3)), width, 3);
 }
 static int l_mem_u8(lua_State *L) { return mem_uN(L, 1); }
 static int l_mem_u16(lua_State *L) { return mem_uN(L, 2); }
@@ -314,6 +320,7 @@ static int l_mem_load(lua_State *L) {
     return 3;
   }
   uint64_t done = 0;
+  kvm_mem_mark(m, (uint64_t)off, len);
   while (done < len) {
     ssize_t n = pread(fd, m->host + off + done, len - done, (off_t)(foff + done));
     if (n < 0 && errno == EINTR) continue;
@@ -348,6 +355,9 @@ static int l_mem_dirty_pages(lua_State *L) {
   dl.slot = m->slot;
   dl.dirty_bitmap = bm;
   if (ioctl(m->vm->fd, KVM_GET_DIRTY_LOG, &dl) < 0) return kvm_fail(L, "KVM_GET_DIRTY_LOG");
+  if (m->vmm_dirty)   /* the log is cleared: a snapshot restore must still see these */
+    for (size_t w = 0; w < words; w++)
+      if (bm[w]) __atomic_fetch_or(&m->vmm_dirty[w], bm[w], __ATOMIC_RELAXED);
   lua_newtable(L);
   int k = 1;
   for (size_t w = 0; w < words; w++)

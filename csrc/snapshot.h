@@ -100,6 +100,7 @@ typedef struct Snapshot {
   char *meta;                    /* the user's string (snap.meta), malloc'd, or NULL */
   size_t metalen;
   uint64_t id;                   /* unique in this process: a VM's baseline */
+  int trusted;                   /* made by vm:snapshot here: KVM gave every value */
 } Snapshot;
 
 /* a new empty snapshot userdata on the stack (parts added with snap_add_part,

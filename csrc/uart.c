@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "sink.h"
+#include "snapdev.h"
 
 #define UART_FIFO   16           /* a 16550A: Linux's size_fifo() must count 16 */
 #define UART_TICK_NS 10000000u   /* 10 ms: input, and output without a newline */
@@ -383,6 +384,88 @@ static void uart_stats(Device *d, lua_State *L) {
   kvm_add_count(L, "serial_rx", s->rx_bytes);
 }
 
+/* ---- snapshots ---- */
+
+/* Version 1 of a UART's state, after the version word: port (u32) and irq
+   (u32), to refuse a snapshot of another UART; then one byte each: IER, FCR,
+   LCR, MCR, LSR (its error bits), MSR, SCR, DLL, DLM, RBR (the byte last
+   read), the THR-empty interrupt pending, the LSR reads in a row; then the
+   receive FIFO (a count byte, then its bytes, oldest first) and the typeahead
+   a FIFO reset took back (the same). IIR and the IRQ line follow from these
+   and are recomputed. Output already handed to the sink is the past; where
+   it goes and where input comes from are the restoring VM's. */
+#define UART_SNAP_VERSION 1
+
+static int uart_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
+  Uart *s = (Uart *)d;
+  snapbuf_u32(b, UART_SNAP_VERSION);
+  snapbuf_u32(b, s->port);
+  snapbuf_u32(b, (uint32_t)s->irq);
+  const uint8_t regs[12] = { s->ier, s->fcr, s->lcr, s->mcr, s->lsr, s->msr, s->scr, s->dll,
+                             s->dlm, s->rbr, (uint8_t)s->thri_pending, (uint8_t)s->lsr_polls };
+  snapbuf_put(b, regs, sizeof regs);
+  snapbuf_u8(b, (uint8_t)s->rx_count);
+  for (int i = 0; i < s->rx_count; i++) snapbuf_u8(b, s->rx[(s->rx_head + i) % UART_FIFO]);
+  snapbuf_u8(b, (uint8_t)s->held_len);
+  snapbuf_put(b, s->held, (size_t)s->held_len);
+  return snapdev_saved(b, err, errlen);
+}
+
+static int uart_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, size_t errlen) {
+  Uart *s = (Uart *)d;
+  SnapRd r = { p, n, 0, 0 };
+  if (snapdev_version(&r, UART_SNAP_VERSION, err, errlen) < 0) return -1;
+  uint32_t port = snaprd_u32(&r), irq = snaprd_u32(&r);
+  uint8_t regs[12];
+  snaprd_get(&r, regs, sizeof regs);
+  uint8_t rx[UART_FIFO], held[sizeof s->held];
+  uint8_t rx_count = snaprd_u8(&r);
+  if (rx_count > UART_FIFO)
+    return snapdev_fail(err, errlen, "receive FIFO holds %u bytes (at most %d)", rx_count, UART_FIFO);
+  snaprd_get(&r, rx, rx_count);
+  uint8_t held_len = snaprd_u8(&r);
+  if (held_len > sizeof held)
+    return snapdev_fail(err, errlen, "%u bytes of typeahead held (at most %zu)", held_len, sizeof held);
+  snaprd_get(&r, held, held_len);
+  if (snapdev_end(&r, err, errlen) < 0) return -1;
+  enum { IER, FCR, LCR, MCR, LSR, MSR, SCR, DLL, DLM, RBR, THRI, POLLS };
+  if (port != s->port)
+    return snapdev_fail(err, errlen, "a UART at port 0x%x, this one is at 0x%x", port, s->port);
+  if (irq != (uint32_t)s->irq)
+    return snapdev_fail(err, errlen, "a UART on IRQ %u, this one is on IRQ %d", irq, s->irq);
+  if (regs[IER] & 0xf0) return snapdev_fail(err, errlen, "IER 0x%02x (bits 3-0 only)", regs[IER]);
+  if ((regs[FCR] & ~0xc9) || (regs[FCR] && !(regs[FCR] & FCR_ENABLE)))
+    return snapdev_fail(err, errlen, "FCR 0x%02x (0, or FIFO enable with bits 7, 6, 3)", regs[FCR]);
+  if (regs[MCR] & 0xe0) return snapdev_fail(err, errlen, "MCR 0x%02x (bits 4-0 only)", regs[MCR]);
+  if (regs[LSR] & ~LSR_ERRS)
+    return snapdev_fail(err, errlen, "LSR 0x%02x (only the error bits are kept)", regs[LSR]);
+  if (regs[THRI] > 1) return snapdev_fail(err, errlen, "THR-empty pending %u (0 or 1)", regs[THRI]);
+  if (regs[POLLS] > LSR_POLLING)
+    return snapdev_fail(err, errlen, "%u LSR polls in a row (at most %d)", regs[POLLS], LSR_POLLING);
+  int cap = (regs[FCR] & FCR_ENABLE) ? UART_FIFO : 1;
+  if (rx_count > cap)
+    return snapdev_fail(err, errlen, "receive FIFO holds %u bytes with the FIFO off (at most 1)", rx_count);
+  if (!apply) return 0;
+
+  s->ier = regs[IER]; s->fcr = regs[FCR]; s->lcr = regs[LCR]; s->mcr = regs[MCR];
+  s->lsr = regs[LSR]; s->msr = regs[MSR]; s->scr = regs[SCR]; s->dll = regs[DLL];
+  s->dlm = regs[DLM]; s->rbr = regs[RBR];
+  s->thri_pending = regs[THRI];
+  s->lsr_polls = regs[POLLS];
+  memcpy(s->rx, rx, rx_count);
+  s->rx_head = 0;
+  s->rx_count = rx_count;
+  memcpy(s->held, held, held_len);
+  s->held_len = held_len;
+  /* IIR, and the line driven to its level whatever it was (the irqchip's
+     state may come back before or after the devices') */
+  uint8_t pend = pending(s);
+  s->iir = (uint8_t)(pend | (fifo_on(s) ? IIR_FIFO : 0));
+  int level = pend != IIR_NONE && (s->mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2;
+  s->irq_level = kvm_irq_line(s->dev.vm, s->irq, level) == 0 ? level : 0;
+  return 0;
+}
+
 static const DeviceOps uart_ops = {
   .kind = "serial",
   .access = uart_access,
@@ -392,6 +475,8 @@ static const DeviceOps uart_ops = {
   .end_run = uart_end_run,
   .close = uart_close,
   .stats = uart_stats,
+  .save = uart_save,
+  .restore = uart_restore,
 };
 
 /* ---- vm:serial{...} ---- */

@@ -54,8 +54,21 @@ uint8_t *kvm_gpa_ptr(Vm *vm, uint64_t gpa, uint64_t len) {
   for (int i = 0; i < KVM_MAX_REGIONS; i++) {
     Memory *m = vm->regions[i];
     if (m == NULL || m->host == NULL) continue;
-    if (gpa >= m->guest && end <= m->guest + m->size)
+    if (gpa >= m->guest && end <= m->guest + m->size) return m->host + (gpa - m->guest);
+  }
+  return NULL;
+}
+
+uint8_t *kvm_gpa_wptr(Vm *vm, uint64_t gpa, uint64_t len) {
+  uint64_t end;
+  if (__builtin_add_overflow(gpa, len, &end)) return NULL;
+  for (int i = 0; i < KVM_MAX_REGIONS; i++) {
+    Memory *m = vm->regions[i];
+    if (m == NULL || m->host == NULL) continue;
+    if (gpa >= m->guest && end <= m->guest + m->size) {
+      kvm_mem_mark(m, gpa - m->guest, len);
       return m->host + (gpa - m->guest);
+    }
   }
   return NULL;
 }

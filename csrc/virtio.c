@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "snapdev.h"
 #include "virtio.h"
 
 #define VIRTIO_MAGIC   0x74726976   /* "virt" */
@@ -152,7 +153,7 @@ static int walk_chain(Virtio *v, const uint8_t *desc, uint32_t num, uint16_t hea
     if (flags & VIRTQ_DESC_F_INDIRECT) return fail(v, "an indirect descriptor (not offered)");
     int w = (flags & VIRTQ_DESC_F_WRITE) != 0;
     if (!w && c->wlen > 0) return fail(v, "a readable descriptor after a writable one");
-    uint8_t *p = kvm_gpa_ptr(vm, addr, len);
+    uint8_t *p = w ? kvm_gpa_wptr(vm, addr, len) : kvm_gpa_ptr(vm, addr, len);
     if (p == NULL) return fail(v, "a buffer outside guest memory");
     c->seg[c->n].p = p;
     c->seg[c->n].len = len;
@@ -173,7 +174,7 @@ int virtio_queue_process(Virtio *v, int qi) {
   /* looked up at every notify: guest memory may have changed since ready */
   const uint8_t *desc = kvm_gpa_ptr(vm, q->desc, 16ull * num);
   uint8_t *avail = kvm_gpa_ptr(vm, q->avail, 6 + 2ull * num);
-  uint8_t *used = kvm_gpa_ptr(vm, q->used, 6 + 8ull * num);
+  uint8_t *used = kvm_gpa_wptr(vm, q->used, 6 + 8ull * num);
   if (!desc || !avail || !used) return fail(v, "a ring outside guest memory");
   uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
   if ((uint16_t)(avail_idx - q->last_avail) > num)
@@ -205,20 +206,26 @@ int virtio_queue_process(Virtio *v, int qi) {
   return handled;
 }
 
-/* QueueReady = 1: the queue's size and rings are checked once here */
-static void queue_ready(Virtio *v, VirtioQueue *q) {
+/* why queue q cannot be ready as it is set up, or NULL: its size, its
+   rings' alignment and, with memory, that the rings lie in guest memory */
+static const char *queue_problem(Virtio *v, const VirtioQueue *q, int memory) {
   uint32_t n = q->num;
-  if (n == 0 || n > VIRTIO_QUEUE_MAX || (n & (n - 1)) != 0) {
-    fail(v, "QueueNum is not a power of two up to QueueNumMax");
-    return;
-  }
-  if ((q->desc & 15) || (q->avail & 1) || (q->used & 3)) {
-    fail(v, "a ring is misaligned");
-    return;
-  }
-  if (!kvm_gpa_ptr(v->dev.vm, q->desc, 16ull * n) || !kvm_gpa_ptr(v->dev.vm, q->avail, 6 + 2ull * n) ||
-      !kvm_gpa_ptr(v->dev.vm, q->used, 6 + 8ull * n)) {
-    fail(v, "a ring outside guest memory");
+  if (n == 0 || n > VIRTIO_QUEUE_MAX || (n & (n - 1)) != 0)
+    return "QueueNum is not a power of two up to QueueNumMax";
+  if ((q->desc & 15) || (q->avail & 1) || (q->used & 3)) return "a ring is misaligned";
+  if (memory && (!kvm_gpa_ptr(v->dev.vm, q->desc, 16ull * n) ||
+                 !kvm_gpa_ptr(v->dev.vm, q->avail, 6 + 2ull * n) ||
+                 !kvm_gpa_ptr(v->dev.vm, q->used, 6 + 8ull * n)))
+    return "a ring outside guest memory";
+  return NULL;
+}
+
+/* QueueReady = 1: the queue's size and rings are checked once here (and
+   when a snapshot brings a ready queue back) */
+static void queue_ready(Virtio *v, VirtioQueue *q) {
+  const char *why = queue_problem(v, q, 1);
+  if (why) {
+    fail(v, why);
     return;
   }
   q->ready = 1;
@@ -362,6 +369,196 @@ void virtio_stats(Device *d, lua_State *L) {
   kvm_add_count(L, "virtio_errors", v->errors);
   kvm_add_count(L, "virtio_irqs", v->irqs);
   if (v->type->stats) v->type->stats(v, L);
+}
+
+/* ---- snapshots ---- */
+
+/* Version 1 of the transport's state, after the version word: the device id,
+   the number of queues and the IRQ (u32 each), the features offered and
+   accepted (u64 each), the three selectors, status, InterruptStatus and the
+   config generation (u32 each), the config space (VIRTIO_CONFIG_MAX bytes),
+   why the device needs a reset (a length byte and the message, printable
+   ASCII; 0: it does not), then per queue QueueNum and QueueReady (u32), the
+   desc, avail and used rings' addresses (u64) and the next avail and used
+   entries (u16); last the type's state (a u32 length and its bytes, 0 when
+   it keeps none). The base is where the device was found; the IRQ line
+   follows InterruptStatus and is driven to its level on a restore; a ready
+   queue's rings are checked against guest memory again. The counters are
+   vm:stats', not the device's.
+
+   What a driver may set to anything is taken as it is: the selectors (a read
+   through one past the end gives 0), a queue's QueueNum and rings while it is
+   not ready (checked when the driver makes it ready). What the device
+   guarantees is checked: status a byte, FEATURES_OK only with features that
+   were offered and VERSION_1, InterruptStatus bits 1-0, a message exactly
+   when DEVICE_NEEDS_RESET is set, a ready queue's size and alignment. */
+#define VIRTIO_SNAP_VERSION 1
+
+typedef struct VirtioSnap {
+  uint32_t device_id, nqueues, irq;
+  uint64_t features, driver_features;
+  uint32_t dev_feat_sel, drv_feat_sel, queue_sel, status, isr, config_gen;
+  uint8_t config[VIRTIO_CONFIG_MAX];
+  uint8_t error_len;
+  char error[VIRTIO_ERROR_MAX];
+  VirtioQueue q[VIRTIO_MAX_QUEUES];
+  const uint8_t *type_state;
+  uint32_t type_len;
+} VirtioSnap;
+
+int virtio_save(Device *d, SnapBuf *b, char *err, size_t errlen) {
+  Virtio *v = (Virtio *)d;
+  int st = 0;
+  snapbuf_u32(b, VIRTIO_SNAP_VERSION);
+  snapbuf_u32(b, v->type->device_id);
+  snapbuf_u32(b, (uint32_t)v->type->nqueues);
+  snapbuf_u32(b, (uint32_t)v->irq);
+  snapbuf_u64(b, v->features);
+  snapbuf_u64(b, v->driver_features);
+  const uint32_t regs[6] = { v->dev_feat_sel, v->drv_feat_sel, v->queue_sel, v->status, v->isr,
+                             v->config_gen };
+  snapbuf_put(b, regs, sizeof regs);
+  snapbuf_put(b, v->config, sizeof v->config);
+  /* the message as printable ASCII, cut to VIRTIO_ERROR_MAX - 1 (the core's are shorter) */
+  char msg[VIRTIO_ERROR_MAX];
+  size_t elen = 0;
+  if (v->status & VIRTIO_S_NEEDS_RESET) {
+    const char *e = v->error && *v->error ? v->error : "unknown";
+    for (; *e && elen < sizeof msg - 1; e++) {
+      char c = *e;
+      if (c < 0x20 || c > 0x7e) c = '?';
+      msg[elen++] = c;
+    }
+  }
+  snapbuf_u8(b, (uint8_t)elen);
+  snapbuf_put(b, msg, elen);
+  for (int i = 0; i < v->type->nqueues; i++) {
+    const VirtioQueue *q = &v->q[i];
+    snapbuf_u32(b, q->num);
+    snapbuf_u32(b, q->ready);
+    snapbuf_u64(b, q->desc);
+    snapbuf_u64(b, q->avail);
+    snapbuf_u64(b, q->used);
+    snapbuf_u16(b, q->last_avail);
+    snapbuf_u16(b, q->used_idx);
+  }
+  size_t len_at = b->n;
+  snapbuf_u32(b, 0);                       /* the type's length, filled in below */
+  if (v->type->save) {
+    st = v->type->save(v, b, err, errlen);
+    if (st == 0 && !b->oom) {
+      uint32_t len = (uint32_t)(b->n - len_at - 4);
+      memcpy(b->p + len_at, &len, 4);
+    }
+  }
+  return st < 0 ? -1 : snapdev_saved(b, err, errlen);
+}
+
+/* read and check the transport's state (not the type's): 0 or -1 */
+static int snap_read(Virtio *v, const uint8_t *p, size_t n, VirtioSnap *t, char *err, size_t errlen) {
+  SnapRd r = { p, n, 0, 0 };
+  if (snapdev_version(&r, VIRTIO_SNAP_VERSION, err, errlen) < 0) return -1;
+  t->device_id = snaprd_u32(&r);
+  t->nqueues = snaprd_u32(&r);
+  t->irq = snaprd_u32(&r);
+  if (!r.bad && (t->device_id != v->type->device_id || t->nqueues != (uint32_t)v->type->nqueues))
+    return snapdev_fail(err, errlen, "virtio device %u with %u queues, this one is device %u with %d",
+                        t->device_id, t->nqueues, v->type->device_id, v->type->nqueues);
+  t->features = snaprd_u64(&r);
+  t->driver_features = snaprd_u64(&r);
+  uint32_t regs[6];
+  snaprd_get(&r, regs, sizeof regs);
+  t->dev_feat_sel = regs[0]; t->drv_feat_sel = regs[1]; t->queue_sel = regs[2];
+  t->status = regs[3]; t->isr = regs[4]; t->config_gen = regs[5];
+  snaprd_get(&r, t->config, sizeof t->config);
+  t->error_len = snaprd_u8(&r);
+  if (t->error_len >= sizeof t->error)
+    return snapdev_fail(err, errlen, "an error message of %u bytes (at most %zu)", t->error_len,
+                        sizeof t->error - 1);
+  snaprd_get(&r, t->error, t->error_len);
+  t->error[t->error_len] = 0;
+  for (int i = 0; i < v->type->nqueues; i++) {
+    VirtioQueue *q = &t->q[i];
+    q->num = snaprd_u32(&r);
+    q->ready = snaprd_u32(&r);
+    q->desc = snaprd_u64(&r);
+    q->avail = snaprd_u64(&r);
+    q->used = snaprd_u64(&r);
+    q->last_avail = snaprd_u16(&r);
+    q->used_idx = snaprd_u16(&r);
+  }
+  t->type_len = snaprd_u32(&r);
+  if (!r.bad && t->type_len > r.n - r.off)
+    return snapdev_fail(err, errlen, "the device type's state of %u bytes runs past the state's end",
+                        t->type_len);
+  t->type_state = r.bad ? NULL : r.p + r.off;
+  if (!r.bad) r.off += t->type_len;
+  if (snapdev_end(&r, err, errlen) < 0) return -1;
+
+  /* the type first: it says best why another device is not this one */
+  if (v->type->restore) {
+    if (v->type->restore(v, t->type_state, t->type_len, 0, err, errlen) < 0) return -1;
+  } else if (t->type_len != 0) {
+    return snapdev_fail(err, errlen, "%u bytes of %s state (it keeps none)", t->type_len, v->type->kind);
+  }
+  if (t->irq != (uint32_t)v->irq)
+    return snapdev_fail(err, errlen, "a device on IRQ %u, this one is on IRQ %d", t->irq, v->irq);
+  if (t->features != v->features)
+    return snapdev_fail(err, errlen, "features 0x%llx offered, this device offers 0x%llx",
+                        (unsigned long long)t->features, (unsigned long long)v->features);
+  if (t->status > 0xff) return snapdev_fail(err, errlen, "status 0x%x (a byte)", t->status);
+  if ((t->status & VIRTIO_S_FEATURES_OK) &&
+      ((t->driver_features & ~t->features) || !(t->driver_features & VIRTIO_F_VERSION_1)))
+    return snapdev_fail(err, errlen, "FEATURES_OK with features 0x%llx accepted of 0x%llx offered",
+                        (unsigned long long)t->driver_features, (unsigned long long)t->features);
+  if (t->isr & ~(uint32_t)(VIRTIO_ISR_USED | VIRTIO_ISR_CONFIG))
+    return snapdev_fail(err, errlen, "InterruptStatus 0x%x (bits 1-0 only)", t->isr);
+  if (!(t->status & VIRTIO_S_NEEDS_RESET) != !t->error_len)
+    return snapdev_fail(err, errlen, "DEVICE_NEEDS_RESET %s a message why",
+                        t->error_len ? "clear with" : "set without");
+  for (unsigned i = 0; i < t->error_len; i++)
+    if (t->error[i] < 0x20 || t->error[i] > 0x7e)
+      return snapdev_fail(err, errlen, "a byte 0x%02x in the error message", (uint8_t)t->error[i]);
+  for (int i = 0; i < v->type->nqueues; i++) {
+    const VirtioQueue *q = &t->q[i];
+    const char *why = q->ready ? queue_problem(v, q, 0) : NULL;
+    if (q->ready > 1) why = "QueueReady is neither 0 nor 1";
+    if (why) return snapdev_fail(err, errlen, "queue %d: %s", i, why);
+  }
+  return 0;
+}
+
+int virtio_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, size_t errlen) {
+  Virtio *v = (Virtio *)d;
+  VirtioSnap t;
+  memset(&t, 0, sizeof t);
+  if (snap_read(v, p, n, &t, err, errlen) < 0) return -1;
+  if (!apply) return 0;
+  v->driver_features = t.driver_features;
+  v->dev_feat_sel = t.dev_feat_sel;
+  v->drv_feat_sel = t.drv_feat_sel;
+  v->queue_sel = t.queue_sel;
+  v->status = t.status;
+  v->isr = t.isr;
+  v->config_gen = t.config_gen;
+  memcpy(v->config, t.config, sizeof v->config);
+  memcpy(v->error_buf, t.error, sizeof v->error_buf);
+  v->error = t.error_len ? v->error_buf : NULL;
+  memcpy(v->q, t.q, sizeof v->q);
+  if (v->type->restore) v->type->restore(v, t.type_state, t.type_len, 1, err, errlen);
+  /* a ready queue's rings in this VM's memory, as when the driver made it
+     ready: the device needs a reset when they are not */
+  for (int i = 0; i < v->type->nqueues; i++) {
+    VirtioQueue *q = &v->q[i];
+    if (q->ready && queue_problem(v, q, 1)) {
+      q->ready = 0;
+      queue_ready(v, q);
+    }
+  }
+  /* the line at InterruptStatus' level, whatever it was */
+  int level = v->isr != 0;
+  v->irq_level = kvm_irq_line(v->dev.vm, v->irq, level) == 0 ? level : 0;
+  return 0;
 }
 
 void virtio_init(Virtio *v, const VirtioType *type, uint64_t base, int irq, uint64_t features) {

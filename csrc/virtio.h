@@ -19,6 +19,7 @@
 #define VIRTIO_CONFIG_MAX  0x100
 #define VIRTIO_MAX_QUEUES  2
 #define VIRTIO_QUEUE_MAX   256       /* QueueNumMax: descriptors per queue */
+#define VIRTIO_ERROR_MAX   96        /* a restored error message, its NUL included */
 
 /* device status bits (2.1) */
 #define VIRTIO_S_ACKNOWLEDGE  1
@@ -62,6 +63,11 @@ typedef struct VirtioType {
   int (*request)(Virtio *v, int q, VirtioChain *c, uint32_t *written);
   void (*close)(Virtio *v);
   void (*stats)(Virtio *v, lua_State *L);
+  /* snapshots: the type's own state, kept after the transport's (save
+     appends it, a version first; restore checks it, apply 0, or takes it,
+     apply 1, as DeviceOps.restore). NULL: none beyond the transport's */
+  int (*save)(Virtio *v, SnapBuf *b, char *err, size_t errlen);
+  int (*restore)(Virtio *v, const uint8_t *p, size_t n, int apply, char *err, size_t errlen);
 } VirtioType;
 
 typedef struct VirtioQueue {
@@ -88,12 +94,16 @@ struct Virtio {
   const char *error;             /* why the device needs a reset, or NULL */
   uint64_t notifies, chains, errors, irqs, irq_failures;
   VirtioSeg seg[VIRTIO_QUEUE_MAX];
+  char error_buf[VIRTIO_ERROR_MAX];            /* error as a restored snapshot had it */
 };
 
 /* the transport's bus operations for a device type's DeviceOps */
 int  virtio_access(Device *d, BusCall *bc, uint64_t addr, int is_write, unsigned size, uint8_t *data);
 void virtio_close(Device *d);
 void virtio_stats(Device *d, lua_State *L);
+/* ... and its snapshot operations (the type's hooks are called from them) */
+int  virtio_save(Device *d, SnapBuf *b, char *err, size_t errlen);
+int  virtio_restore(Device *d, const uint8_t *p, size_t n, int apply, char *err, size_t errlen);
 /* set up the transport of a new device (zeroed by kvm_device_new) */
 void virtio_init(Virtio *v, const VirtioType *type, uint64_t base, int irq, uint64_t features);
 /* a register access as the guest makes it (size 1, 2, 4 or 8; config space

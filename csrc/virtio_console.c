@@ -89,6 +89,9 @@ static void console_stats(Virtio *v, lua_State *L) {
   kvm_add_count(L, "console_rx", k->rx_bytes);
 }
 
+/* A snapshot holds nothing of the console beyond the transport's state:
+   input goes from the file straight into a receive buffer, never waits in
+   between, and output handed to the sink is the past. */
 static const VirtioType console_type = {
   .kind = "virtio-console",
   .device_id = CONSOLE_ID,
@@ -104,6 +107,8 @@ static const DeviceOps console_ops = {
   .flush = console_flush,
   .close = virtio_close,
   .stats = virtio_stats,
+  .save = virtio_save,
+  .restore = virtio_restore,
 };
 
 /*** Attach a virtio console (virtio-mmio): Linux's virtio_console driver

@@ -49,6 +49,7 @@ static void rng_stats(Virtio *v, lua_State *L) {
   kvm_add_count(L, "rng_bytes", ((Rng *)v)->bytes);
 }
 
+/* a snapshot holds nothing of it beyond the transport's state */
 static const VirtioType rng_type = {
   .kind = "virtio-rng",
   .device_id = RNG_ID,
@@ -62,6 +63,8 @@ static const DeviceOps rng_ops = {
   .access = virtio_access,
   .close = virtio_close,
   .stats = virtio_stats,
+  .save = virtio_save,
+  .restore = virtio_restore,
 };
 
 /*** Attach a virtio entropy device (virtio-mmio) fed by the host's

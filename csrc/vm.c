@@ -123,8 +123,8 @@ static int l_vm_tostring(lua_State *L) {
 
 /* ---- guest-physical access ---- */
 
-static uint8_t *gpa_range(lua_State *L, Vm *vm, uint64_t gpa, uint64_t len) {
-  uint8_t *p = kvm_gpa_ptr(vm, gpa, len);
+static uint8_t *gpa_range(lua_State *L, Vm *vm, uint64_t gpa, uint64_t len, int write) {
+  uint8_t *p = write ? kvm_gpa_wptr(vm, gpa, len) : kvm_gpa_ptr(vm, gpa, len);
   if (p == NULL)
     luaL_error(L, "guest range %s+%s is outside guest memory", kvm_pushhex(L, (uint64_t)(gpa)), kvm_pushhex(L, (uint64_t)(len)));
   return p;
@@ -141,7 +141,7 @@ static int l_vm_read(lua_State *L) {
   uint64_t gpa = (uint64_t)luaL_checkinteger(L, 2);
   lua_Integer len = luaL_checkinteger(L, 3);
   luaL_argcheck(L, len >= 0, 3, "negative length");
-  uint8_t *p = gpa_range(L, vm, gpa, (uint64_t)len);
+  uint8_t *p = gpa_range(L, vm, gpa, (uint64_t)len, 0);
   lua_pushlstring(L, (const char *)p, (size_t)len);
   return 1;
 }
@@ -154,7 +154,7 @@ static int l_vm_write(lua_State *L) {
   uint64_t gpa = (uint64_t)luaL_checkinteger(L, 2);
   size_t len;
   const char *s = luaL_checklstring(L, 3, &len);
-  uint8_t *p = gpa_range(L, vm, gpa, len);
+  uint8_t *p = gpa_range(L, vm, gpa, len, 1);
   memcpy(p, s, len);
   return 0;
 }
@@ -162,7 +162,7 @@ static int l_vm_write(lua_State *L) {
 static int vm_uN(lua_State *L, int width) {
   Vm *vm = kvm_checkvm(L, 1);
   uint64_t gpa = (uint64_t)luaL_checkinteger(L, 2);
-  return kvm_mem_access(L, gpa_range(L, vm, gpa, (uint64_t)width), width, 3);
+  return kvm_mem_access(L, gpa_range(L, vm, gpa, (uint64_t)width, !lua_isnoneornil(L, 3)), width, 3);
 }
 static int l_vm_u8(lua_State *L) { return vm_uN(L, 1); }
 static int l_vm_u16(lua_State *L) { return vm_uN(L, 2); }
@@ -201,6 +201,7 @@ static int l_vm_pit(lua_State *L) {
   memset(&cfg, 0, sizeof cfg);
   cfg.flags = KVM_PIT_SPEAKER_DUMMY;
   if (ioctl(vm->fd, KVM_CREATE_PIT2, &cfg) < 0) return kvm_fail(L, "KVM_CREATE_PIT2");
+  vm->has_pit = 1;
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -371,6 +372,8 @@ static const luaL_Reg vm_methods[] = {
   {"virtio_console", l_vm_virtio_console},
   {"load_elf", kvm_elf_load},
   {"stats", l_vm_stats},
+  {"snapshot", l_vm_snapshot},
+  {"restore", l_vm_restore},
   {"regions", l_vm_regions},
   {NULL, NULL}
 };

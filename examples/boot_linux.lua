@@ -44,12 +44,14 @@ local me = root and "boot_linux" or prog   -- the messages' prefix
 
 local OPTIONS = { initrd = "string", mem = "mib", cpus = "number", cmdline = "string",
                   append = "string", timeout = "number", status = "flag", version = "flag",
-                  disk = "disks", rng = "flag", gdb = "string", ["gdb-wait"] = "flag" }
+                  disk = "disks", rng = "flag", gdb = "string", ["gdb-wait"] = "flag",
+                  ["save-at"] = "pair", restore = "string" }
 
 local function help()
   local cmdline = ("  " .. linux.DEFAULT_CMDLINE):gsub("(" .. ("."):rep(60) .. "%S*) ", "%1\n  ")
   io.stdout:write((([[
 usage: PROG KERNEL [options]
+       PROG --restore FILE [--timeout S] [--status]
        PROG --help | --version
 Boot a Linux kernel (an ELF vmlinux or a bzImage) with this terminal as its
 serial console (you type at the guest; Ctrl-C stops it).
@@ -73,6 +75,12 @@ options (default in brackets):
                      thread of gdb's [none]
   --gdb-wait         with --gdb: stop before the first instruction and wait
                      for gdb to connect [off]
+  --save-at TEXT FILE  when the console first prints TEXT (the shell's
+                     prompt, say), save the whole VM to FILE (kvm.linux.save)
+                     and go on [never]
+  --restore FILE     build the machine FILE describes (the kernel and disk
+                     files it names must still be there) and resume it where
+                     it was saved, instead of booting [no]
   -h, --help         this help, then exit
   --version          the version, then exit
 A host profile (kvm.hostprofile; named on stderr when one applies) adds its
@@ -111,7 +119,14 @@ if args.version then
   io.stdout:write(me, " (luakvm) ", require("kvm.core")._VERSION, "\n")
   os.exit(0)
 end
-if not args[1] then usage("no kernel given") end
+if args.restore then
+  if args[1] then usage("--restore FILE takes no KERNEL: the file names it") end
+  for _, o in ipairs{ "initrd", "mem", "cpus", "cmdline", "append", "disk", "rng" } do
+    if args[o] then usage("--restore FILE takes no --" .. o .. ": the machine is the one saved") end
+  end
+end
+if not args[1] and not args.restore then usage("no kernel given") end
+if args["save-at"] and args["save-at"][1] == "" then usage("--save-at: the text to wait for is empty") end
 if args.mem and (args.mem < 16 << 20 or args.mem % (2 << 20) ~= 0) then
   usage("--mem: 16M or more, a multiple of 2M expected")
 end
@@ -133,7 +148,30 @@ local opts = { kernel = args[1], initrd = args.initrd, memory = args.mem, cpus =
                disks = args.disk, rng = args.rng,
                input = io.stdin }   -- keyboard input goes to the guest (a terminal or a pipe)
 
-local ctx, err = linux.setup(opts)
+-- --save-at: the console's output is watched for the text; the run stops
+-- there, the VM is saved (on_exit below) and goes on
+local save_at, want_save = args["save-at"], false
+local ctx, err
+if save_at then
+  local seen, text, echo = "", save_at[1], console.output
+  opts.output = function(bytes)
+    echo(bytes)
+    if seen == nil then return end
+    seen = (seen .. bytes):sub(-(#text + 4096))
+    if seen:find(text, 1, true) then
+      seen, want_save = nil, true
+      ctx.cpu:stop()
+    end
+  end
+end
+
+if args.restore then
+  ctx, err = linux.restore(args.restore, { output = opts.output, input = opts.input,
+                                           timeout = opts.timeout })
+  if ctx then opts.timeout = ctx.opts.timeout end
+else
+  ctx, err = linux.setup(opts)
+end
 if not ctx then
   io.stderr:write(me, ": ", err, "\n")
   os.exit(1)
@@ -182,12 +220,18 @@ else
         io.stderr:write(string.format("\r\27[2K[%s %4ds] %s\n", me, math.floor(elapsed), console.last:sub(1, 100)))
       end
     end,
-    on_exit = stub and function(ex)
-      if ex.reason ~= "debug" then return false end
+    on_exit = function(ex)
+      if want_save and ex.reason == "stopped" then
+        want_save = false
+        local ok, serr = linux.save(ctx, save_at[2])
+        ctx.log(ok and ("saved the VM to " .. save_at[2]) or ("--save-at: " .. serr))
+        return true
+      end
+      if not stub or ex.reason ~= "debug" then return false end
       if stub:stopped(ex, 5) ~= "kill" then return true end
       killed = true
       return false
-    end or nil })
+    end })
   if killed then e = { reason = "killed" } end
 end
 

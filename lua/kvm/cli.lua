@@ -48,7 +48,8 @@ local WANT = { number = "a number expected", size = "a size like 256M expected",
 -- @tparam table args the script's `arg`
 -- @tparam table options `{name = kind}`: kind "string", "number", "size" (`cli.size`),
 --   "mib" (a size where a bare number counts MiB, as QEMU's -m: "256" is 256M),
---   "disks" (repeatable `FILE[,ro]`: a list of `cli.disk`'s tables) or "flag"
+--   "disks" (repeatable `FILE[,ro]`: a list of `cli.disk`'s tables), "pair" (two
+--   values: `{first, second}`) or "flag"
 -- @tparam[opt=1] integer max_args how many positional arguments are allowed
 -- @treturn table `{name = value, ..., help = true (for -h or --help), [1] = the first positional, ...}`
 -- @return[2] nil, message: "--mem needs a value", "--mem: a size like 256M expected",
@@ -65,6 +66,10 @@ function cli.parse(args, options, max_args)
       out.help = true
     elseif kind == "flag" then
       out[name] = true
+    elseif kind == "pair" then
+      if args[i + 1] == nil or args[i + 2] == nil then return nil, a .. " needs two values" end
+      out[name] = { args[i + 1], args[i + 2] }
+      i = i + 2
     elseif kind then
       i = i + 1
       if args[i] == nil then return nil, a .. " needs a value" end

@@ -720,7 +720,128 @@ end
 function linux.setup(opts)
   local plan, err = linux.plan(opts)
   if not plan then return nil, err end
-  return linux.apply(plan, opts.steps)
+  local ctx, aerr = linux.apply(plan, opts.steps)
+  if ctx then ctx.opts = opts end
+  return ctx, aerr
+end
+
+-- ---- snapshots ----
+
+--- The options that build the machine: what a snapshot of a booted kernel
+-- keeps (its meta), so that `linux.restore` builds the same VM elsewhere.
+-- The rest (functions, files, output and input) belong to the process.
+linux.MACHINE_OPTS = { "kernel", "initrd", "cmdline", "append", "memory", "cpus", "ram", "layout",
+                       "disks", "rng", "acpi", "hugepages" }
+
+local META_MAGIC = "luakvm-linux 1\n"
+
+-- data (strings, integers, booleans, tables of them) as bytes, and back
+local function encode(v, out, depth)
+  local t = math.type(v) or type(v)
+  if depth > 8 then error("linux.save: options nested too deep", 0) end
+  if t == "string" then out[#out + 1] = string.pack("<c1s4", "s", v)
+  elseif t == "integer" then out[#out + 1] = string.pack("<c1i8", "i", v)
+  elseif t == "boolean" then out[#out + 1] = v and "T" or "F"
+  elseif t == "table" then
+    out[#out + 1] = "t"
+    for k, x in pairs(v) do
+      local kt, xt = math.type(k) or type(k), math.type(x) or type(x)
+      if (kt == "string" or kt == "integer") and (xt ~= "function" and xt ~= "userdata"
+         and xt ~= "thread" and xt ~= "float") then
+        encode(k, out, depth + 1)
+        encode(x, out, depth + 1)
+      end
+    end
+    out[#out + 1] = "e"
+  else error("linux.save: cannot keep a " .. t .. " in a snapshot", 0) end
+end
+
+local function decode(s, pos, depth)
+  if depth > 8 then error("nested too deep", 0) end
+  local tag = s:sub(pos, pos)
+  if tag == "s" then return string.unpack("<s4", s, pos + 1)
+  elseif tag == "i" then return string.unpack("<i8", s, pos + 1)
+  elseif tag == "T" or tag == "F" then return tag == "T", pos + 1
+  elseif tag == "t" then
+    local t = {}
+    pos = pos + 1
+    while s:sub(pos, pos) ~= "e" do
+      if pos > #s then error("truncated", 0) end
+      local k, x
+      k, pos = decode(s, pos, depth + 1)
+      x, pos = decode(s, pos, depth + 1)
+      if type(k) == "table" or type(k) == "boolean" then error("bad key", 0) end
+      t[k] = x
+    end
+    return t, pos + 1
+  end
+  error("bad tag at byte " .. pos, 0)
+end
+
+--- Save a booted kernel's VM to a file: `ctx.vm:snapshot()` with the
+-- options that built it (`linux.MACHINE_OPTS` of `ctx.opts`) as its meta,
+-- then `snap:save(path)`. Call it between runs (e.g. from `on_exit`).
+-- @tparam table ctx from `linux.setup`
+-- @tparam string path
+-- @return the snapshot
+-- @return[2] nil, message
+function linux.save(ctx, path)
+  local keep = {}
+  for _, k in ipairs(linux.MACHINE_OPTS) do keep[k] = (ctx.opts or {})[k] end
+  local ok, meta = pcall(function()
+    local out = { META_MAGIC }
+    encode(keep, out, 0)
+    return table.concat(out)
+  end)
+  if not ok then return nil, meta end
+  local snap, err = ctx.vm:snapshot()
+  if not snap then return nil, err end
+  snap.meta = meta
+  local saved, serr = snap:save(path)
+  if not saved then return nil, serr end
+  return snap
+end
+
+--- The steps a restore runs: the VM, its memory, devices and vCPUs are
+-- built as for a boot; what only fills guest memory or sets registers is
+-- left out (the snapshot brings them).
+linux.RESTORE_STEPS = { kernel = false, initrd = false, cmdline = false, acpi = false,
+                        zero_page = false, long_mode = false, registers = false }
+
+--- Build the machine a `linux.save` file describes and put it in that state.
+-- @tparam string path
+-- @tparam[opt] table over options for this process: `output`, `input`,
+--   `virtio_console`, `timeout`, `profile`, ... (the machine's own come
+--   from the file; the kernel and disk files it names must still be there)
+-- @treturn table ctx, as `linux.setup`, running from the saved state
+-- @return[2] nil, message (a bad or foreign file, a machine that cannot be
+--   built, a state KVM refuses)
+function linux.restore(path, over)
+  local snap, err = kvm.load_snapshot(path)
+  if not snap then return nil, err end
+  local meta = snap.meta
+  if type(meta) ~= "string" or meta:sub(1, #META_MAGIC) ~= META_MAGIC then
+    return nil, path .. ": not a snapshot of a kvm.linux machine (linux.save writes those)"
+  end
+  local ok, opts, stop = pcall(decode, meta, #META_MAGIC + 1, 0)
+  if not ok or type(opts) ~= "table" or stop ~= #meta + 1 then
+    return nil, path .. ": its machine options are malformed (" .. tostring(ok and "trailing bytes" or opts) .. ")"
+  end
+  for k, v in pairs(over or {}) do opts[k] = v end
+  local steps = copy(linux.RESTORE_STEPS)
+  for k, v in pairs((over or {}).steps or {}) do steps[k] = v end
+  opts.steps = steps
+  local sok, ctx, serr = pcall(linux.setup, opts)
+  if not sok then return nil, path .. ": " .. tostring(ctx) end
+  if not ctx then return nil, serr end
+  local rok, rerr = ctx.vm:restore(snap)
+  if not rok then
+    for _, c in ipairs(ctx.cpus or {}) do c:close() end
+    ctx.vm:close()
+    return nil, path .. ": " .. rerr
+  end
+  ctx.snapshot = snap
+  return ctx
 end
 
 --- Set up and run a kernel until an exit nobody handles.

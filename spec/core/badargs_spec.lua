@@ -7,6 +7,7 @@
 -- Every call gets fresh objects so that one call's side effects (a claim, a
 -- region) cannot change another's outcome.
 local support = require "support"
+local kvm = require "kvm"
 
 local BAD = {
   { "nil", nil }, { "string", "x" }, { "table", {} }, { "float", 1.5 },
@@ -47,9 +48,11 @@ local VM = {
   virtio_console = { { { output = false } }, accepts = { [1] = "nil table" } },
   -- a path that is a number is a string to Lua: a missing file, nil + msg
   load_elf = { { "/nonexistent", {} }, accepts = { [1] = "string float negative maxinteger", [2] = "nil table" } },
+  -- a snapshot of another VM (filled in by the spec): it does not fit, nil + msg
+  restore = { { "SNAP" } },
 }
 local VM_NOARGS = { close = true, irqchip = true, pit = true, claims = true, stats = true,
-                    regions = true, boot_markers = true }
+                    regions = true, boot_markers = true, snapshot = true }
 
 local MEMORY = {
   read = { { 0, 4 } },
@@ -115,6 +118,22 @@ describe("badargs", function()
   end)
   teardown(function() os.remove(path) end)
 
+  -- the placeholders of a template: "PATH" a file, "SNAP" a snapshot of another VM
+  local snap
+  local function subst(a)
+    if a == "PATH" then return path end
+    if a == "SNAP" then
+      if not snap then
+        local other = assert(kvm.vm())
+        other:memory{ guest = 0, size = 0x10000 }
+        snap = assert(other:snapshot())
+        other:close()
+      end
+      return snap
+    end
+    return a
+  end
+
   -- fresh objects for one call: vm, memory, vcpu, and an "in" exit
   local function fresh(kind)
     local vm, cpu, ram = support.guest(IN1)
@@ -158,7 +177,7 @@ describe("badargs", function()
           for _, b in ipairs(BAD) do
             local label, value = b[1], b[2]
             local args = {}
-            for i = 1, n do args[i] = template[i] == "PATH" and path or template[i] end
+            for i = 1, n do args[i] = subst(template[i]) end
             args[pos] = value
             local obj, vm = fresh(kind)
             local okc, e = pcall(function() return obj[name](obj, table.unpack(args, 1, n)) end)
@@ -196,7 +215,7 @@ describe("badargs", function()
           local obj, vm = fresh(kind)
           close(obj)
           local args = {}
-          for i, a in ipairs(table_[name] and table_[name][1] or {}) do args[i] = a == "PATH" and path or a end
+          for i, a in ipairs(table_[name] and table_[name][1] or {}) do args[i] = subst(a) end
           local okc, e = pcall(function() return obj[name](obj, table.unpack(args)) end)
           if name == "close" or readable[name] then
             if not okc then wrong[#wrong + 1] = name .. " raised " .. tostring(e) end

@@ -74,6 +74,29 @@ describe("kvm.sandbox #guest", function()
     assert.is_nil(io.open("/tmp/luakvm-sandbox-test"))
   end)
 
+  it("snapshots work sandboxed: vm:snapshot, a guest's run, vm:restore (a fuzzing loop's reset)", function()
+    support.need_kvm()
+    local code, out = child([[
+      local support = require "support"
+      local kvm = require "kvm"
+      local vm, cpu = support.guest(]] .. GUEST .. [[)
+      local v = 0
+      vm:on_io(0x10, function() v = v + 1; return v end)
+      assert(kvm.sandbox())
+      local snap = assert(vm:snapshot())
+      for _ = 1, 3 do
+        assert(vm:restore(snap))
+        print("run", cpu:run{ timeout = 5 }.reason, vm:u8(0x2000))
+      end
+      print("save", snap:save("/tmp/luakvm-sandbox-snap"))
+      print("done")
+    ]])
+    assert.equal(0, code, out)
+    assert.matches("run\thlt\t1\nrun\thlt\t2\nrun\thlt\t3\n", out)
+    assert.matches("save\tnil\t[^\n]*Operation not permitted", out)
+    assert.matches("done\n", out, 1, true)
+  end)
+
   it("vm:run's vCPU threads work sandboxed; a new process still cannot be made", function()
     support.need_kvm()
     local code, out = child([[

@@ -70,7 +70,8 @@ describe("examples #guest", function()
     assert.equal(0, code, out)
     assert.matches("usage: lua5.4 examples/boot_linux.lua KERNEL", out, 1, true)
     for _, o in ipairs{ "--initrd FILE", "--mem SIZE", "--cmdline", "--append", "--timeout SECONDS",
-                        "--status", "--gdb HOST:PORT", "--gdb-wait", "-h, --help", "--version",
+                        "--status", "--gdb HOST:PORT", "--gdb-wait", "--save-at TEXT FILE",
+                        "--restore FILE", "-h, --help", "--version",
                         "124  --timeout ran out", "137  gdb killed the guest" } do
       assert.matches("\n  " .. o, out, 1, true)
     end
@@ -85,6 +86,10 @@ describe("examples #guest", function()
         "boot_linux: unknown option --bogus (try: lua5.4 examples/boot_linux.lua --help)" },
       { "examples/boot_linux.lua --gdb 1234 vmlinux", "boot_linux: --gdb: HOST:PORT expected (like 127.0.0.1:1234)" },
       { "examples/boot_linux.lua --gdb-wait vmlinux", "boot_linux: --gdb-wait needs --gdb HOST:PORT" },
+      { "examples/boot_linux.lua vmlinux --save-at prompt", "boot_linux: --save-at needs two values" },
+      { "examples/boot_linux.lua vmlinux --save-at '' f", "boot_linux: --save-at: the text to wait for is empty" },
+      { "examples/boot_linux.lua vmlinux --restore f", "boot_linux: --restore FILE takes no KERNEL" },
+      { "examples/boot_linux.lua --restore f --cpus 2", "boot_linux: --restore FILE takes no --cpus" },
       { "examples/trace_io.lua --bogus", "trace_io: unknown option --bogus" },
       { "examples/memory_layout.lua --timeout",
         "memory_layout: --timeout needs a value\nusage: lua5.4 examples/memory_layout.lua" },
