@@ -416,6 +416,119 @@ describe("snapshot files", function()
     end)
   end)
 
+  describe("of a running VM (vm:snapshot)", function()
+    local core = require "kvm.core"
+    -- real mode at 0x1000: count in memory at 0x5000 and tell port 0x10
+    local COUNT = "\xff\x06\x00\x50"   -- inc word [0x5000]
+               .. "\xa1\x00\x50"       -- mov ax, [0x5000]
+               .. "\xe7\x10"           -- out 0x10, ax
+               .. "\xeb\xf5"           -- jmp 0x1000
+
+    local function counter(stop_at)
+      local vm, cpu, ram = support.guest(COUNT)
+      local t = { seen = {}, stop_at = stop_at }
+      vm:on_io(0x10, function(_, _, _, v)
+        t.seen[#t.seen + 1] = v
+        if v >= t.stop_at then return core.STOP end
+      end)
+      return vm, cpu, ram, t
+    end
+
+    --- the offsets of the sections of a file's bytes, and its END's
+    local function sections(bytes)
+      local at, off = {}, build.HDR_LEN
+      while off < #bytes do
+        at[#at + 1] = off
+        off = off + build.SEC_LEN + string.unpack("<I8", bytes, off + 48 + 1)
+      end
+      return at
+    end
+
+    it("saves, loads the same parts, memory and meta, and saves back the same bytes", function()
+      support.need_kvm()
+      local vm, cpu = counter(100)
+      assert.equal("stopped", cpu:run().reason)
+      local snap = assert(vm:snapshot())
+      snap.meta = "counted to 100"
+      local a, b = tmpname(), tmpname()
+      assert.equal(true, snap:save(a))
+      local again = assert(kvm.load_snapshot(a))
+      assert.same(snap:parts(), again:parts())
+      assert.same(snap:memory(), again:memory())
+      assert.equal("counted to 100", again.meta)
+      assert.equal(tostring(snap), tostring(again))
+      assert(again:save(b))
+      assert.equal(support.slurp(a), support.slurp(b))
+      -- zero pages are not in the file: the guest uses a few pages of 2 MiB
+      local pages = snap:memory()[1].pages
+      assert.is_true(pages >= 2 and pages < 10, pages)
+      local bytes = support.slurp(a)
+      local at = sections(bytes)
+      local mem = at[#at - 1]
+      assert.equal(build.KIND.memory, string.unpack("<I4", bytes, mem + 1))
+      assert.equal(32 + (support.RAM // 4096 // 64) * 8 + pages * 4096, string.unpack("<I8", bytes, mem + 48 + 1))
+      vm:close()
+    end)
+
+    it("restores into a fresh VM in another process, which counts on", function()
+      support.need_kvm()
+      local path = tmpname()
+      local code, out = support.child(([[
+        local support = require "support"
+        local kvm = require "kvm.core"
+        local vm, cpu = support.guest(%q)
+        vm:on_io(0x10, function(_, _, _, v) if v >= 100 then return kvm.STOP end end)
+        assert(cpu:run().reason == "stopped")
+        local snap = assert(vm:snapshot())
+        snap.meta = "from the child"
+        assert(snap:save(%q))
+        print(tostring(snap))
+      ]]):format(COUNT, path))
+      assert.equal(0, code, out)
+      assert.equal("kvm.snapshot (1 vCPUs, 1 memory regions, 2 MiB)\n", out)
+      local snap = assert(kvm.load_snapshot(path))
+      assert.equal("from the child", snap.meta)
+      local vm, cpu, ram, t = counter(103)
+      assert.equal(0, ram:u16(0x5000))
+      assert.is_true((vm:restore(snap)))
+      assert.equal(100, ram:u16(0x5000))
+      assert.equal(100, cpu:regs().rax & 0xffff)
+      assert.equal("stopped", cpu:run().reason)
+      assert.same({ 101, 102, 103 }, t.seen)
+      vm:close()
+    end)
+
+    it("a real file cut at every section and bit-flipped in each: refused, the VM left as it was", function()
+      support.need_kvm()
+      local vm, cpu, ram = counter(50)
+      assert.equal("stopped", cpu:run().reason)
+      local path = tmpname()
+      assert(assert(vm:snapshot()):save(path))
+      local bytes = support.slurp(path)
+      local at = sections(bytes)
+      local regs, mem = cpu:regs(), ram:read(0, support.RAM)
+      for k, off in ipairs(at) do
+        refused(bytes:sub(1, off), ("truncated at section %d (%d of %d bytes)"):format(k, off, #bytes))
+        local len = string.unpack("<I8", bytes, off + 48 + 1)
+        local kind, id = string.unpack("<I4I4", bytes, off + 1)
+        local name = string.unpack("z", bytes, off + 8 + 1)
+        local desc = ({ "vm", "vcpu " .. id, ("device '%s' %d"):format(name, id) })[kind]
+                     or ({ [16] = "memory", [17] = "meta" })[kind]
+        if len > 0 then
+          refused(bytes:sub(1, off + 64 + len // 2),
+                  ("truncated at section %d (%s): %d bytes, %d left in the file"):format(k, desc, len, len // 2))
+          local sdesc = kind == 16 and "memory slot " .. string.unpack("<I4", bytes, off + 64 + 1) or desc
+          -- the payload's last byte: a record's, a device's, a memory page's
+          refused(flip(bytes, off + 64 + len - 1), ("bad checksum in section %d (%s)"):format(k, sdesc))
+        end
+        refused(flip(bytes, off + 4), ("bad checksum in the header of section %d"):format(k))
+      end
+      assert.same(regs, cpu:regs())
+      assert.is_true(mem == ram:read(0, support.RAM))
+      vm:close()
+    end)
+  end)
+
   describe("saving", function()
     local function snap()
       return assert(kvm.load_snapshot(write_tmp(good())))

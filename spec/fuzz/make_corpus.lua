@@ -169,6 +169,28 @@ local SNAPSHOT = {
     parts = { build.vcpu(0), build.vcpu(1), { kind = B.device, id = 1, name = "debugexit", addr = 0xf4 } },
     mem = { { size = 0x10000, pages = { [0] = code } }, { slot = 1, guest = 1 << 32, size = 0x40000 } } },
 }
+-- and two vm:snapshot() files of a VM with a UART that said 'A' and halted
+-- (with the in-kernel irqchip, PIT and clock, and without)
+local kvm = require "kvm"
+local x86 = require "kvm.x86"
+for _, irqchip in ipairs{ false, true } do
+  local vm = assert(kvm.vm())
+  local ram = vm:memory{ guest = 0, size = 0x10000 }
+  if irqchip then assert(vm:irqchip()) end
+  vm:serial{ port = 0x3f8, output = function() end }
+  local cpu = assert(vm:vcpu(0))
+  x86.real_mode(cpu)
+  ram:write(0x1000, "\xb0\x41\xba\xf8\x03\xee\xf4")   -- mov al, 'A'; mov dx, 0x3f8; out dx, al; hlt
+  cpu:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+  cpu:run()
+  local path = os.tmpname()
+  assert(assert(vm:snapshot()):save(path))
+  local f = assert(io.open(path, "rb"))
+  SNAPSHOT[irqchip and "vm_snapshot_irqchip" or "vm_snapshot"] = f:read("a")
+  f:close()
+  os.remove(path)
+  vm:close()
+end
 for name, bytes in pairs(SNAPSHOT) do
   assert(#bytes <= 16384, name)
   write("snapshot", name, bytes)
