@@ -3,10 +3,11 @@
 ** (csrc/snapfile.c: snap_load_fd, what kvm.load_snapshot reads with).
 **
 ** The input is a snapshot file, in a memfd. It is loaded twice: as it is,
-** and with every checksum made right (the header's, and each section's
-** header and payload as far as the lengths reach), so that a mutation gets
-** past the CRCs to the checks behind them (lengths, counts, bitmaps,
-** records, the END section, the CPU). The contract checked: a snapshot, or
+** and made to agree with itself (every checksum right: the header's, and
+** each section's header and payload as far as the lengths reach; the
+** header's file length and section count, and END's, what the input has),
+** so that a mutation gets past the CRCs and counts to the checks behind
+** them (lengths, bitmaps, records, regions, the CPU). The contract checked: a snapshot, or
 ** fail + "snapshot file fuzz: why" + a positive errno; never a Lua error.
 ** A snapshot that loads is saved (to /dev/shm), loaded again, and saved
 ** again: the second file must be the first, byte for byte. ASan/UBSan catch
@@ -66,19 +67,28 @@ static uint32_t crc32c(const uint8_t *p, size_t n) {
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
-/* make the checksums of the copy in `fixed` right */
+/* make the copy in `fixed` agree with itself: every checksum right, the
+   header's file length the input's, its section count what comes before
+   the first END section (when there is one) */
 static void fix_crcs(uint8_t *d, size_t n) {
   if (n < 96) return;
-  uint64_t off = 96;
+  uint64_t off = 96, len, total = n;
+  uint32_t k = 0, kind;
   while (n - off >= 64) {
     uint8_t *h = d + off;
-    uint64_t len;
+    memcpy(&kind, h, 4);
     memcpy(&len, h + 48, 8);
+    if (kind == 255) {
+      put32(d + 32, k);
+      put32(h + 4, k);
+    }
     if (len <= n - off - 64) put32(h + 56, crc32c(h + 64, (size_t)len));
     put32(h + 60, crc32c(h, 60));
-    if (len > n - off - 64) break;
+    if (kind == 255 || len > n - off - 64) break;
     off += 64 + len;
+    k++;
   }
+  memcpy(d + 24, &total, 8);
   put32(d + 20, 0);
   put32(d + 20, crc32c(d, 96));
 }
