@@ -89,7 +89,8 @@
 #define SF_MAX_PART   (64u << 20)          /* a part's or meta's payload */
 #define SF_MAX_MEM    (1ull << 46)         /* a region (as vm:memory allows) */
 #define SF_MAX_GPA    (1ull << 52)
-#define SF_MAX_SECTIONS ((1u << 20) + KVM_MAX_REGIONS + 1)
+#define SF_MAX_PARTS  (1u << 20)           /* as snap_add_part takes */
+#define SF_MAX_SECTIONS (SF_MAX_PARTS + KVM_MAX_REGIONS + 1)
 #define SF_NWORDS     11
 
 enum { SF_S_MEMORY = 16, SF_S_META = 17, SF_S_END = 255 };
@@ -368,6 +369,7 @@ static void wr_flush(Wr *w) {
       w->err = errno;
       break;
     }
+    if (got == 0) { w->err = EIO; break; }
     size_t left = (size_t)got;
     while (i < w->n && left >= w->iov[i].iov_len) left -= w->iov[i++].iov_len;
     if (i < w->n) {
@@ -791,6 +793,11 @@ static int load_sections(Ld *ld, Snapshot *s, const uint8_t *hdr) {
       s->metalen = (size_t)len;
       continue;
     }
+    if ((unsigned)s->nparts >= SF_MAX_PARTS) {
+      free(data);
+      return ld_fail(ld, EINVAL, "section %u (%s): more than %u parts", (unsigned)k, desc,
+                     (unsigned)SF_MAX_PARTS);
+    }
     if (snap_add_part(s, kind, id, name, addr, data, (size_t)len) == NULL)
       return ld_fail(ld, ENOMEM, "section %u (%s): out of memory", (unsigned)k, desc);
   }
@@ -895,7 +902,9 @@ CPU, or the system call's)
 */
 int l_load_snapshot(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: a FIFO must not wait for a writer (it is refused: not a
+     regular file); reads of a regular file do not care */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     int en = errno;
     luaL_pushfail(L);
