@@ -19,18 +19,26 @@
 --   6. boot: spawn to "console [ttyS0] enabled", to the first kernel
 --      message, to "Run /init" and to the shell's prompt, vs QEMU's
 --      (bench/boot.lua).
+--   7. snapshots: vm:restore() of a 64 MiB guest that dirtied 4 pages vs a
+--      bare C reset (memcpy of the 4 pages, KVM_SET_REGS, KVM_SET_SREGS);
+--      execs per second of examples/snapshot_fuzz.lua; a booted Linux saved
+--      to a file and restored from it (bench/snaplinux.lua; not on kvm_pvm).
 --
--- Environment: ROUNDS (rows 1-4, default 5), BOOT_ROUNDS (rows 5-6, default
--- 3; 0 skips them), EXITS, LIFECYCLES, VMLINUX, BOOT_TIMEOUT, ONLY=boot
--- (rows 5-6 alone).
+-- Environment: ROUNDS (rows 1-4 and 7, default 5), BOOT_ROUNDS (rows 5-6,
+-- default 3; 0 skips them), EXITS, LIFECYCLES, RESETS, FUZZ_EXECS, SAVES
+-- (rows 9c-9e, default 3; 0 skips them), VMLINUX,
+-- BOOT_TIMEOUT, ONLY=boot (rows 5-6 alone), ONLY=snapshot (row 9 alone).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "./?.so;" .. package.cpath
 local kvm = require "kvm"
 local x86 = require "kvm.x86"
 
-local ONLY_BOOT = os.getenv("ONLY") == "boot"
-local ROUNDS = ONLY_BOOT and 0 or tonumber(os.getenv("ROUNDS") or "5")
-local BOOT_ROUNDS = tonumber(os.getenv("BOOT_ROUNDS") or "3")
+local ONLY = os.getenv("ONLY")
+local ROUNDS = ONLY == "boot" and 0 or tonumber(os.getenv("ROUNDS") or "5")
+local BOOT_ROUNDS = ONLY == "snapshot" and 0 or tonumber(os.getenv("BOOT_ROUNDS") or "3")
+local MAIN_ROUNDS = ONLY == "snapshot" and 0 or ROUNDS   -- rows 1-4
+local RESETS = tonumber(os.getenv("RESETS") or "2000")
+local FUZZ_EXECS = tonumber(os.getenv("FUZZ_EXECS") or "3000")
 local N = tonumber(os.getenv("EXITS") or "100000")
 local LIFE = tonumber(os.getenv("LIFECYCLES") or "1000")
 local FLOOR = "bench/floor"
@@ -205,12 +213,73 @@ local function kernel_memcpy()
   return tonumber(secs) * 1e3
 end
 
+-- row 9a: a 64 MiB guest in flat 32-bit protected mode increments a dword in
+-- 4 pages and halts (the same bytes as floor.c's reset_code), loaded at 0x1000
+local RESET_GUEST = "\xff\x05\x00\x00\x10\x00"   -- inc dword [0x100000]
+  .. "\xff\x05\x00\x00\x80\x00"                 -- inc dword [0x800000]
+  .. "\xff\x05\x00\x00\x00\x02"                 -- inc dword [0x2000000]
+  .. "\xff\x05\x00\xf0\xff\x03"                 -- inc dword [0x3fff000]
+  .. "\xf4"                                     -- hlt
+local RESET_PAGES = { 0x100000, 0x800000, 0x2000000, 0x3fff000 }
+
+local function median(t)
+  table.sort(t)
+  return t[(#t + 1) // 2]
+end
+
+-- snapshot at the first instruction; then RESETS times: run to hlt (each
+-- counter must read 1: the run started from the snapshot), vm:restore (timed,
+-- and it must have copied the 4 pages)
+local function reset_lua()
+  local vm = assert(kvm.vm())
+  local ram = assert(vm:memory{ guest = 0, size = 64 << 20 })
+  ram:write(0x1000, RESET_GUEST)
+  local cpu = assert(vm:vcpu(0))
+  x86.protected_mode(cpu, vm)
+  cpu:set_regs{ rip = 0x1000, rflags = x86.RFLAGS_RESERVED }
+  local snap = assert(vm:snapshot())
+  -- one run and restore untimed: on kvm_amd the first run also logs the code
+  -- page dirty (KVM's first mapping of it), and that restore copies 5 pages
+  assert(cpu:run().reason == "hlt")
+  assert(vm:restore(snap))
+  local t = {}
+  for i = 1, RESETS do
+    local e = cpu:run()
+    assert(e.reason == "hlt", tostring(e))
+    for _, pg in ipairs(RESET_PAGES) do
+      if ram:u32(pg) ~= 1 then error(("reset: run %d: page 0x%x holds %d, 1 expected"):format(i, pg, ram:u32(pg))) end
+    end
+    local t0 = now()
+    local ok, pages = vm:restore(snap)
+    t[i] = now() - t0
+    assert(ok, pages)
+    assert(pages == #RESET_PAGES, "restore copied " .. tostring(pages) .. " pages")
+  end
+  close_all(cpu, vm, ram)
+  return median(t) * 1e6
+end
+
+local function reset_c()
+  local med = sh(FLOOR .. " reset " .. RESETS):match("reset %d+ ([%d.]+)")
+  return tonumber(med) * 1e6
+end
+
+-- row 9b: the fuzzing example, a fixed seed; its own execs/s line
+local function fuzz_execs()
+  local out = sh("lua5.4 examples/snapshot_fuzz.lua --seed 1 --execs " .. FUZZ_EXECS)
+  return assert(tonumber(out:match("\n%d+ execs in [%d.]+ s: (%d+) execs/s")), out)
+end
+
 local floor_t, cdev_t, lua_t, life_l, life_c, st, st_ref, kl, kc = {}, {}, {}, {}, {}, {}, {}, {}, {}
-local lua2_t = {}
+local lua2_t, reset_l, reset_f, fuzz = {}, {}, {}, {}
 local have_kernel = io.open(VMLINUX, "rb")
 if have_kernel then have_kernel:close() end
 for r = 1, ROUNDS do
   io.stderr:write(("round %d/%d\r"):format(r, ROUNDS))
+  reset_f[r] = reset_c()
+  reset_l[r] = reset_lua()
+  fuzz[r] = fuzz_execs()
+  if r > MAIN_ROUNDS then goto next_round end
   floor_t[r] = per_exit_floor()
   cdev_t[r] = per_exit_c_device()
   lua_t[r] = per_exit_lua()
@@ -220,13 +289,14 @@ for r = 1, ROUNDS do
   st[r] = startup()
   st_ref[r] = startup_ref()
   if have_kernel then kc[r] = kernel_memcpy(); kl[r] = kernel_load() end
+  ::next_round::
 end
 if ROUNDS > 0 then io.stderr:write("\r\27[2K") end
 local function ratio_le(g) return function(_, ratio) return ratio ~= nil and ratio <= g end end
 row("1a port-I/O exit, C device (us)", cdev_t, floor_t, "<=1.03x", ratio_le(1.03))
 row("1b port-I/O exit, Lua handler (us)", lua_t, floor_t, "<=1.10x", ratio_le(1.10))
 row("1f  the same, 2 vCPUs, vs 1b (us)", lua2_t, lua_t)
-if ROUNDS > 0 then
+if MAIN_ROUNDS > 0 then
   notes[#notes + 1] = "row 1f: two vCPUs write one Lua-handled port at once (vm:run): each exit goes "
     .. "from its vCPU's thread to the Lua thread and back; time per exit of either vCPU, against 1b's one vCPU "
     .. "running on the Lua thread itself"
@@ -234,7 +304,7 @@ end
 
 -- rows 1c-1e: instructions per exit, callgrind over bench/exitcost (no KVM),
 -- two runs each (the counts are deterministic: min..max shows they agree)
-if ROUNDS > 0 then
+if MAIN_ROUNDS > 0 then
   local exitcost = dofile "bench/exitcost.lua"
   local ok, why = exitcost.available()
   if not ok then notes[#notes + 1] = "rows 1c-1e: not measured: " .. why end
@@ -256,7 +326,7 @@ end
 row("2  VM lifecycle (ms)", life_l, life_c, "<=1.2x", ratio_le(1.2))
 row("3  start-up to first KVM_RUN (ms)", st, st_ref, "<=10 ms", function(m) return m <= 10 end)
 if have_kernel then row("4  ELF vmlinux load (ms)", kl, kc, "<=1.5x", ratio_le(1.5)) end
-if ROUNDS > 0 then
+if MAIN_ROUNDS > 0 then
   notes[#notes + 1] = ("rows 1-4: %d rounds; references: bare C (bench/floor), `lua5.4 -e ''` for row 3, "
     .. "a memcpy of the file for row 4; Lua garbage across %d Lua-handled exits: %.1f KiB"):format(ROUNDS, N, garbage)
 end
@@ -307,6 +377,40 @@ if BOOT_ROUNDS > 0 and have_kernel then
   for who, s in pairs(samples) do
     if #s.console < BOOT_ROUNDS then
       notes[#notes + 1] = ("%s reached the milestone in %d of %d boots"):format(who, #s.console, BOOT_ROUNDS)
+    end
+  end
+end
+
+-- row 9: snapshots
+row("9a snapshot reset, 4 pages (us)", reset_l, reset_f, "<=4x", ratio_le(4))
+row("9b snapshot_fuzz.lua (execs/s)", fuzz, {}, ">=1000/s", function(m) return m >= 1000 end)
+if ROUNDS > 0 then
+  notes[#notes + 1] = ("row 9a: per reset, the median of %d in a round (and of the rounds): vm:restore(snap) of a "
+    .. "64 MiB VM whose guest dirtied 4 pages, against `floor reset` (memcpy of the 4 pages, KVM_SET_REGS, "
+    .. "KVM_SET_SREGS); row 9b: `examples/snapshot_fuzz.lua --seed 1 --execs %d`"):format(RESETS, FUZZ_EXECS)
+end
+-- rows 9c-9e: a booted Linux saved to a file and restored (bench/snaplinux.lua);
+-- the boot reaches user mode, which kvm_pvm cannot run
+local SAVES = tonumber(os.getenv("SAVES") or "3")
+if SAVES > 0 and ONLY ~= "boot" and have_kernel then
+  if kvm.host_info().module == "kvm_pvm" then
+    notes[#notes + 1] = "rows 9c-9e: not measured: kvm_pvm cannot run the guest's user mode (`make bench` runs nested)"
+  else
+    local snaplinux = dofile "bench/snaplinux.lua"
+    local ok, res = pcall(snaplinux.measure, SAVES, function(msg) io.stderr:write("\r\27[2K", msg) end)
+    io.stderr:write("\r\27[2K")
+    if ok then
+      row("9c save booted Linux (ms)", res.save, {})
+      row("9d restore booted Linux (ms)", res.restore, res.memcpy)
+      row("9e  its file, vs guest RAM (MiB)", { res.size / 2^20 }, { snaplinux.MEMORY / 2^20 })
+      notes[#notes + 1] = ("rows 9c-9e: Linux booted to its shell in %.1f s (%d MiB, one vCPU), then linux.save to "
+        .. "a file %d times (vm:snapshot + snap:save: written, fsync'd, renamed), then linux.restore of it %d times "
+        .. "(file read and checked, machine built, vm:restore), each restored shell answering a typed command")
+        :format(res.boot, snaplinux.MEMORY >> 20, SAVES, SAVES)
+      notes[#notes + 1] = ("rows 9c-9d: of which vm:snapshot() %.1f ms, kvm.load_snapshot(file) %.1f ms (medians, "
+        .. "each timed alone before a save and a restore)"):format(median(res.snapshot), median(res.load))
+    else
+      notes[#notes + 1] = "rows 9c-9e: FAILED: " .. tostring(res)
     end
   end
 end

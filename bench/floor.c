@@ -9,6 +9,11 @@
 **                      prints "lifecycle N seconds"
 **   floor memcpy FILE  map FILE, memcpy it into anonymous memory;
 **                      prints "memcpy BYTES seconds"
+**   floor reset N      a 64 MiB VM whose 32-bit guest increments a dword in
+**                      each of 4 pages and halts; N times: run it, then reset
+**                      it (timed): memcpy the 4 pages back from a copy kept
+**                      at the start, KVM_SET_REGS, KVM_SET_SREGS; prints
+**                      "reset N median_seconds mean_seconds" (per reset)
 */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -65,8 +70,92 @@ static void vm_close(struct vm *v) {
   munmap(v->mem, v->memsz);
 }
 
+/* the reset guest, loaded at 0x1000 and run in flat 32-bit protected mode
+   (the same bytes as bench.lua's RESET_GUEST) */
+static const uint8_t reset_code[] = {
+  0xff, 0x05, 0x00, 0x00, 0x10, 0x00,   /* inc dword [0x100000] */
+  0xff, 0x05, 0x00, 0x00, 0x80, 0x00,   /* inc dword [0x800000] */
+  0xff, 0x05, 0x00, 0x00, 0x00, 0x02,   /* inc dword [0x2000000] */
+  0xff, 0x05, 0x00, 0xf0, 0xff, 0x03,   /* inc dword [0x3fff000] */
+  0xf4,                                 /* hlt */
+};
+static const uint64_t reset_pages[4] = { 0x100000, 0x800000, 0x2000000, 0x3fff000 };
+#define RESET_MEM (64u << 20)
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static void reset_bench(int kvm, long n) {
+  int fd = ioctl(kvm, KVM_CREATE_VM, 0);
+  if (fd < 0) die("KVM_CREATE_VM");
+  uint8_t *mem = mmap(NULL, RESET_MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+  if (mem == MAP_FAILED) die("mmap");
+  memcpy(mem + 0x1000, reset_code, sizeof reset_code);
+  struct kvm_userspace_memory_region r = { .slot = 0, .guest_phys_addr = 0,
+    .memory_size = RESET_MEM, .userspace_addr = (uint64_t)(uintptr_t)mem };
+  if (ioctl(fd, KVM_SET_USER_MEMORY_REGION, &r) < 0) die("KVM_SET_USER_MEMORY_REGION");
+  int cpu = ioctl(fd, KVM_CREATE_VCPU, 0);
+  if (cpu < 0) die("KVM_CREATE_VCPU");
+  size_t runsz = (size_t)ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+  struct kvm_run *run = mmap(NULL, runsz, PROT_READ | PROT_WRITE, MAP_SHARED, cpu, 0);
+  if (run == MAP_FAILED) die("mmap run");
+  /* flat 32-bit protected mode, as x86.protected_mode sets it (no GDT in
+     memory is needed: the guest loads no segment) */
+  struct kvm_sregs s;
+  if (ioctl(cpu, KVM_GET_SREGS, &s) < 0) die("KVM_GET_SREGS");
+  struct kvm_segment code = { .base = 0, .limit = 0xffffffff, .selector = 0x10, .type = 11,
+    .present = 1, .dpl = 0, .db = 1, .s = 1, .l = 0, .g = 1 };
+  struct kvm_segment data = code;
+  data.selector = 0x18;
+  data.type = 3;
+  s.cs = code;
+  s.ds = s.es = s.fs = s.gs = s.ss = data;
+  s.cr0 = 0x33;                 /* PE MP ET NE */
+  if (ioctl(cpu, KVM_SET_SREGS, &s) < 0) die("KVM_SET_SREGS");
+  struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
+  if (ioctl(cpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+  /* the state to go back to: registers, special registers, the 4 pages */
+  if (ioctl(cpu, KVM_GET_SREGS, &s) < 0) die("KVM_GET_SREGS");
+  uint8_t *saved = malloc(4 * 4096);
+  double *t = malloc(sizeof(double) * (size_t)n);
+  if (saved == NULL || t == NULL) die("malloc");
+  for (int i = 0; i < 4; i++) memcpy(saved + 4096 * i, mem + reset_pages[i], 4096);
+  double sum = 0;
+  for (long i = 0; i < n; i++) {
+    if (ioctl(cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+    if (run->exit_reason != KVM_EXIT_HLT) { fprintf(stderr, "exit %u\n", run->exit_reason); exit(1); }
+    /* each run started from the reset state: every counter is 1, not i + 1 */
+    for (int k = 0; k < 4; k++) {
+      uint32_t v;
+      memcpy(&v, mem + reset_pages[k], 4);
+      if (v != 1) {
+        fprintf(stderr, "reset: run %ld: page 0x%llx holds %u, 1 expected\n", i + 1,
+                (unsigned long long)reset_pages[k], v);
+        exit(1);
+      }
+    }
+    double t0 = now();
+    for (int k = 0; k < 4; k++) memcpy(mem + reset_pages[k], saved + 4096 * k, 4096);
+    if (ioctl(cpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+    if (ioctl(cpu, KVM_SET_SREGS, &s) < 0) die("KVM_SET_SREGS");
+    t[i] = now() - t0;
+    sum += t[i];
+  }
+  qsort(t, (size_t)n, sizeof *t, cmp_double);
+  printf("reset %ld %.9f %.9f\n", n, t[(n - 1) / 2], sum / (double)n);
+  free(t);
+  free(saved);
+  munmap(run, runsz);
+  close(cpu);
+  close(fd);
+  munmap(mem, RESET_MEM);
+}
+
 int main(int argc, char **argv) {
-  if (argc < 3) { fprintf(stderr, "usage: floor exits|lifecycle N | memcpy FILE\n"); return 2; }
+  if (argc < 3) { fprintf(stderr, "usage: floor exits|lifecycle|reset N | memcpy FILE\n"); return 2; }
   if (strcmp(argv[1], "memcpy") == 0) {
     int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
     if (fd < 0) die(argv[2]);
@@ -111,6 +200,8 @@ int main(int argc, char **argv) {
     }
     double t1 = now();
     printf("lifecycle %ld %.9f\n", n, t1 - t0);
+  } else if (strcmp(argv[1], "reset") == 0 && n > 0) {
+    reset_bench(kvm, n);
   }
   close(kvm);
   return 0;

@@ -100,6 +100,9 @@ struct Vcpu {
   VcpuStats stats;
   uint32_t *port_hits;           /* 65536 counters, every port-I/O element seen */
   struct kvm_guest_debug dbg;    /* the guest debug set last (debug.c); control 0 = off */
+  uint32_t tsc_khz;              /* its TSC frequency as last read or set (snapshot.c), 0 unknown */
+  uint32_t msr_held[4];          /* MSRs KVM refused to set back but held the value saved */
+  int nmsr_held;
 };
 
 /* a vCPU's stop request, read and raised from any thread (a stronger

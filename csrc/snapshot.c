@@ -159,30 +159,29 @@ static int add_part(Snapshot *s, uint32_t kind, uint32_t id, const char *name, u
 }
 
 /* the MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST), once per process */
-static uint32_t *msr_list;
+#define MAX_MSRS 1024
+static uint32_t msr_list[MAX_MSRS];
 static uint32_t msr_count;
+static int msr_known;
 static pthread_mutex_t msr_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int get_msr_list(int kvm_fd) {
+  int r = 0;
   pthread_mutex_lock(&msr_lock);
-  if (msr_list == NULL) {
-    struct kvm_msr_list probe = {0};
-    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &probe) < 0 && errno != E2BIG) goto fail;
-    struct kvm_msr_list *l = calloc(1, sizeof *l + 4 * (size_t)probe.nmsrs);
-    if (l == NULL) { errno = ENOMEM; goto fail; }
-    l->nmsrs = probe.nmsrs;
-    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, l) < 0) { free(l); goto fail; }
-    msr_count = l->nmsrs;
-    msr_list = malloc(4 * (size_t)msr_count + 4);
-    if (msr_list == NULL) { free(l); errno = ENOMEM; goto fail; }
-    memcpy(msr_list, l->indices, 4 * (size_t)msr_count);
-    free(l);
+  if (!msr_known) {
+    struct { struct kvm_msr_list h; uint32_t idx[MAX_MSRS]; } l;
+    memset(&l, 0, sizeof l);
+    l.h.nmsrs = MAX_MSRS;
+    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &l) < 0) {
+      r = -1;                    /* E2BIG: more than MAX_MSRS, never seen */
+    } else {
+      msr_count = l.h.nmsrs;
+      memcpy(msr_list, l.idx, 4 * (size_t)msr_count);
+      msr_known = 1;
+    }
   }
   pthread_mutex_unlock(&msr_lock);
-  return 0;
-fail:
-  pthread_mutex_unlock(&msr_lock);
-  return -1;
+  return r;
 }
 
 /* bytes of KVM_GET_XSAVE2's buffer (KVM_CAP_XSAVE2), 4096 for KVM_GET_XSAVE,
@@ -671,24 +670,34 @@ static int check_vm(Vm *vm, const Recs *r, char *err, size_t errlen) {
   } while (0)
 
 /* KVM_SET_MSRS stops at the first MSR it refuses. Some it lists as saved it
-   refuses to take back as they are (kvm_pvm's MSR_KVM_ASYNC_PF_INT): one that
-   already holds the value saved is passed over, any other fails the restore. */
+   refuses to take back as they are (MSR_KVM_ASYNC_PF_INT without an
+   in-kernel LAPIC): one that already holds the value saved is passed over,
+   any other fails the restore. The vCPU remembers those (msr_held), so a
+   reset loop sets the rest in one call and checks them in one more. */
 static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, const char **what) {
   static __thread char msg[64];
   struct kvm_msrs *ms = (struct kvm_msrs *)(void *)scratch;
-  uint32_t done = 0;
-  while (done < n) {
-    memset(ms, 0, sizeof *ms);
-    ms->nmsrs = n - done;
-    memcpy(ms->entries, p + 16 * (size_t)done, 16 * (size_t)(n - done));
+  struct { struct kvm_msrs h; struct kvm_msr_entry e[4]; } held;
+  memset(&held, 0, sizeof held);
+  uint32_t m = 0;
+  memset(ms, 0, sizeof *ms);
+  for (uint32_t i = 0; i < n; i++) {
+    struct kvm_msr_entry e;
+    memcpy(&e, p + 16 * (size_t)i, 16);
+    int h = 0;
+    for (int k = 0; k < c->nmsr_held; k++) h |= c->msr_held[k] == e.index;
+    if (h && held.h.nmsrs < 4) held.e[held.h.nmsrs++] = e;
+    else ms->entries[m++] = e;
+  }
+  while (m > 0) {
+    ms->nmsrs = m;
     int set = ioctl(c->fd, KVM_SET_MSRS, ms);
     if (set < 0) { *what = "KVM_SET_MSRS"; return -1; }
-    done += (uint32_t)set;
-    if (done == n) break;
-    struct { struct kvm_msrs h; struct kvm_msr_entry e; } one;
+    if ((uint32_t)set == m) break;
+    struct { struct kvm_msrs h; struct kvm_msr_entry e; } one;   /* entries[set] refused */
     memset(&one, 0, sizeof one);
     one.h.nmsrs = 1;
-    memcpy(&one.e, p + 16 * (size_t)done, 16);
+    one.e = ms->entries[set];
     uint64_t want = one.e.data;
     if (ioctl(c->fd, KVM_GET_MSRS, &one) != 1 || one.e.data != want) {
       snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", one.e.index);
@@ -696,7 +705,21 @@ static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, con
       errno = EINVAL;
       return -1;
     }
-    done++;
+    if (c->nmsr_held < 4) c->msr_held[c->nmsr_held++] = one.e.index;
+    m -= (uint32_t)set + 1;
+    memmove(ms->entries, ms->entries + set + 1, sizeof(struct kvm_msr_entry) * m);
+  }
+  if (held.h.nmsrs) {            /* still the values saved? */
+    uint64_t want[4] = {0};
+    for (uint32_t k = 0; k < held.h.nmsrs; k++) want[k] = held.e[k].data;
+    int got = ioctl(c->fd, KVM_GET_MSRS, &held);
+    for (uint32_t k = 0; k < held.h.nmsrs; k++)
+      if (got != (int)held.h.nmsrs || held.e[k].data != want[k]) {
+        snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", held.e[k].index);
+        *what = msg;
+        errno = EINVAL;
+        return -1;
+      }
   }
   return 0;
 }
@@ -721,10 +744,13 @@ static int put_vcpu(Vcpu *c, const Recs *r, size_t xsz, const char **what, uint8
   if (r->p[SNAP_R_TSC_KHZ]) {
     uint32_t khz;
     memcpy(&khz, r->p[SNAP_R_TSC_KHZ], 4);
-    int now = ioctl(c->fd, KVM_GET_TSC_KHZ, 0);
-    *what = "KVM_SET_TSC_KHZ";
-    if (now > 0 && (uint32_t)now != khz && ioctl(c->fd, KVM_SET_TSC_KHZ, (unsigned long)khz) < 0)
-      return -1;
+    if (c->tsc_khz != khz) {     /* asked once: a reset loop does not ask again */
+      int now = ioctl(c->fd, KVM_GET_TSC_KHZ, 0);
+      *what = "KVM_SET_TSC_KHZ";
+      if (now > 0 && (uint32_t)now != khz && ioctl(c->fd, KVM_SET_TSC_KHZ, (unsigned long)khz) < 0)
+        return -1;
+      c->tsc_khz = now > 0 ? khz : 0;
+    }
   }
   PUT(KVM_SET_MP_STATE, SNAP_R_MP_STATE, "KVM_SET_MP_STATE");
   PUT(KVM_SET_REGS, SNAP_R_REGS, "KVM_SET_REGS");
@@ -846,10 +872,20 @@ typedef struct Plan {
 } Plan;
 
 static void drop_backup(Plan *pl) {
-  for (int k = 0; k < pl->ncpu; k++) free(pl->bk[k].p);
+  for (int k = 0; k < pl->ncpu; k++) {
+    free(pl->bk[k].p);
+    memset(&pl->bk[k], 0, sizeof pl->bk[k]);
+  }
   free(pl->bkvm.p);
+  memset(&pl->bkvm, 0, sizeof pl->bkvm);
   pl->backed = 0;
 }
+
+/* vm:restore's working space, kept by the thread: a reset loop allocates
+   nothing (allocating ~100 KiB per restore cost as much as its ioctls) */
+static __thread Plan *tl_plan;
+static __thread uint8_t *tl_scratch;
+static __thread size_t tl_scratch_len;
 
 /* the vCPUs' and the VM's state as they are, to put back when KVM refuses
    a value of the snapshot */
@@ -984,16 +1020,27 @@ int l_vm_restore(lua_State *L) {
   Vm *vm = kvm_checkvm(L, 1);
   Snapshot *s = snap_check(L, 2);
   check_still(L, vm, "restore");
-  Plan *pl = calloc(1, sizeof *pl);
-  if (pl == NULL) return luaL_error(L, "vm:restore: out of memory");
+  if (tl_plan == NULL && (tl_plan = calloc(1, sizeof *tl_plan)) == NULL)
+    return luaL_error(L, "vm:restore: out of memory");
+  Plan *pl = tl_plan;
+  pl->ncpu = pl->ndev = 0;
   char err[200] = "";
   const char *what = NULL;
   uint8_t *scratch = NULL;
   int en = EINVAL;
   uint64_t pages = 0;
   if (plan_restore(vm, s, pl, err, sizeof err) < 0) goto fail;
-  scratch = calloc(1, pl->scratch);
-  if (scratch == NULL) { en = ENOMEM; snprintf(err, sizeof err, "out of memory"); goto fail; }
+  if (tl_scratch_len < pl->scratch) {
+    free(tl_scratch);
+    tl_scratch_len = 0;
+    if ((tl_scratch = calloc(1, pl->scratch)) == NULL) {
+      en = ENOMEM;
+      snprintf(err, sizeof err, "out of memory");
+      goto fail;
+    }
+    tl_scratch_len = pl->scratch;
+  }
+  scratch = tl_scratch;
   /* what KVM checks itself goes first; for a snapshot from a file, whose
      values KVM may refuse (the checks above cannot know each field's
      rules), the vCPUs' and the VM's state are saved first and put back */
@@ -1023,8 +1070,6 @@ int l_vm_restore(lua_State *L) {
     goto fail;
   }
   drop_backup(pl);
-  free(scratch);
-  free(pl);
   lua_pushboolean(L, 1);
   lua_pushinteger(L, (lua_Integer)pages);
   return 2;
@@ -1046,8 +1091,6 @@ rollback:
   }
 fail:
   drop_backup(pl);
-  free(scratch);
-  free(pl);
   luaL_pushfail(L);
   lua_pushfstring(L, "vm:restore: %s", err);
   lua_pushinteger(L, en);
