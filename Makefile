@@ -157,13 +157,14 @@ FUZZ_DIR      = spec/fuzz/build
 FUZZ_FLAGS    = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
                 -fno-sanitize-recover=undefined $(LUA_INC) -DLUAKVM_ROOT='"$(CURDIR)"'
 FUZZ_LIBS     = -llua5.4 -lelf
-FUZZERS       = elf bzimage exit virtio devsnap
+FUZZERS       = elf bzimage exit virtio devsnap snapshot
 
 fuzz-build: $(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit $(FUZZ_DIR)/fuzz_virtio \
-            $(FUZZ_DIR)/fuzz_devsnap
+            $(FUZZ_DIR)/fuzz_devsnap $(FUZZ_DIR)/fuzz_snapshot
 
 # each harness is linked with the whole core and uses its private header
-$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit $(FUZZ_DIR)/fuzz_virtio $(FUZZ_DIR)/fuzz_devsnap: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
+$(FUZZ_DIR)/fuzz_elf $(FUZZ_DIR)/fuzz_bzimage $(FUZZ_DIR)/fuzz_exit $(FUZZ_DIR)/fuzz_virtio $(FUZZ_DIR)/fuzz_devsnap \
+  $(FUZZ_DIR)/fuzz_snapshot: $(FUZZ_DIR)/%: spec/fuzz/%.c spec/fuzz/fuzz_common.h $(SRCS) $(HDRS)
 	@mkdir -p $(FUZZ_DIR)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -Icsrc -o $@ $< $(SRCS) $(FUZZ_LIBS)
 

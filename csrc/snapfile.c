@@ -89,7 +89,8 @@
 #define SF_MAX_PART   (64u << 20)          /* a part's or meta's payload */
 #define SF_MAX_MEM    (1ull << 46)         /* a region (as vm:memory allows) */
 #define SF_MAX_GPA    (1ull << 52)
-#define SF_MAX_SECTIONS ((1u << 20) + KVM_MAX_REGIONS + 1)
+#define SF_MAX_PARTS  (1u << 20)           /* as snap_add_part takes */
+#define SF_MAX_SECTIONS (SF_MAX_PARTS + KVM_MAX_REGIONS + 1)
 #define SF_NWORDS     11
 
 enum { SF_S_MEMORY = 16, SF_S_META = 17, SF_S_END = 255 };
@@ -368,6 +369,7 @@ static void wr_flush(Wr *w) {
       w->err = errno;
       break;
     }
+    if (got == 0) { w->err = EIO; break; }
     size_t left = (size_t)got;
     while (i < w->n && left >= w->iov[i].iov_len) left -= w->iov[i++].iov_len;
     if (i < w->n) {
@@ -737,12 +739,20 @@ static int load_sections(Ld *ld, Snapshot *s, const uint8_t *hdr) {
                      desc, (unsigned long long)len, (unsigned long long)(ld->size - ld->off));
     }
     if (kind == SF_S_END) {
-      if (len != 0 || id != k - 1 || k - 1 != sections)
-        return ld_fail(ld, EINVAL, "section %u (END): it ends %u sections, the header says %u",
-                       (unsigned)k, (unsigned)id, (unsigned)sections);
-      if (ld->off != ld->size || ld->off != file_len)
-        return ld_fail(ld, EINVAL, "%llu bytes after the END section (the header says the file "
-                       "has %llu bytes, it has %llu)", (unsigned long long)(ld->size - ld->off),
+      if (len != 0)
+        return ld_fail(ld, EINVAL, "section %u (END): %llu bytes of payload, it has none",
+                       (unsigned)k, (unsigned long long)len);
+      if (id != k - 1)
+        return ld_fail(ld, EINVAL, "section %u (END): it counts %u sections before it, there were %u",
+                       (unsigned)k, (unsigned)id, (unsigned)(k - 1));
+      if (k - 1 != sections)
+        return ld_fail(ld, EINVAL, "section %u (END): the header says there are %u sections, there "
+                       "were %u", (unsigned)k, (unsigned)sections, (unsigned)(k - 1));
+      if (ld->off != ld->size)
+        return ld_fail(ld, EINVAL, "%llu bytes after the END section",
+                       (unsigned long long)(ld->size - ld->off));
+      if (ld->size != file_len)
+        return ld_fail(ld, EINVAL, "the header says the file has %llu bytes, it has %llu",
                        (unsigned long long)file_len, (unsigned long long)ld->size);
       return 0;
     }
@@ -783,6 +793,11 @@ static int load_sections(Ld *ld, Snapshot *s, const uint8_t *hdr) {
       s->metalen = (size_t)len;
       continue;
     }
+    if ((unsigned)s->nparts >= SF_MAX_PARTS) {
+      free(data);
+      return ld_fail(ld, EINVAL, "section %u (%s): more than %u parts", (unsigned)k, desc,
+                     (unsigned)SF_MAX_PARTS);
+    }
     if (snap_add_part(s, kind, id, name, addr, data, (size_t)len) == NULL)
       return ld_fail(ld, ENOMEM, "section %u (%s): out of memory", (unsigned)k, desc);
   }
@@ -798,13 +813,15 @@ static int load_fd(int fd, Snapshot *s, char *err, size_t errlen) {
   if (!S_ISREG(st.st_mode)) return ld_fail(&ld, EINVAL, "not a regular file");
   ld.size = (uint64_t)st.st_size;
   uint8_t h[SF_HDR_LEN];
+  memset(h, 0, sizeof h);
   if (ld.size == 0) return ld_fail(&ld, EINVAL, "empty");
   int en = ld_read(&ld, h, ld.size < SF_HDR_LEN ? (size_t)ld.size : SF_HDR_LEN);
   if (en) return ld_fail(&ld, en, "read: %s", strerror(en));
   if (ld.size < 8 || memcmp(h, SF_MAGIC, 8) != 0)
     return ld_fail(&ld, EINVAL, "not a luakvm snapshot (no \"" SF_MAGIC "\" at its start)");
-  if (ld.size < 16)
-    return ld_fail(&ld, EINVAL, "truncated in its header (%llu bytes)", (unsigned long long)ld.size);
+  if (ld.size < 12)
+    return ld_fail(&ld, EINVAL, "truncated in its header (%llu bytes of %u)",
+                   (unsigned long long)ld.size, SF_HDR_LEN);
   uint32_t version = get32(h + 8), hlen = get32(h + 12);
   if (version != SF_VERSION)
     return ld_fail(&ld, EINVAL, "format version %u, this luakvm reads %u", (unsigned)version, SF_VERSION);
@@ -885,7 +902,9 @@ CPU, or the system call's)
 */
 int l_load_snapshot(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: a FIFO must not wait for a writer (it is refused: not a
+     regular file); reads of a regular file do not care */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     int en = errno;
     luaL_pushfail(L);

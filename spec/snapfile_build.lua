@@ -46,9 +46,13 @@ build.find = find
 
 --- This host's CPU vendor (12 bytes) and feature words, as its KVM reports
 -- them (kvm.supported_cpuid()): what a file saved here has in its header.
+-- (asked once: KVM's CPUID.1:EBX has the APIC id of the host CPU the
+-- ioctl ran on, so two calls may differ there)
+local host_entries
 function build.host()
   local kvm = require "kvm"
-  local entries = assert(kvm.supported_cpuid())
+  host_entries = host_entries or assert(kvm.supported_cpuid())
+  local entries = host_entries
   local l0 = find(entries, 0, 0)
   local vendor = string.pack("<I4I4I4", l0.ebx, l0.edx, l0.ecx)
   local words = {}
@@ -96,21 +100,23 @@ end
 -- head's count), bitmap (raw), data (raw pages).
 function build.memory(m)
   local npages = m.size // build.PAGE
-  local words = {}
-  for w = 0, (npages + 63) // 64 - 1 do words[w] = 0 end
   local idx = {}
   for i in pairs(m.pages or {}) do idx[#idx + 1] = i end
   table.sort(idx)
-  local data = {}
+  local words, data = {}, {}
   for _, i in ipairs(idx) do
-    words[i // 64] = words[i // 64] | (1 << (i % 64))
+    words[i // 64] = (words[i // 64] or 0) | (1 << (i % 64))
     local p = m.pages[i]
     data[#data + 1] = p .. ("\0"):rep(build.PAGE - #p)
   end
-  local bitmap = {}
-  for w = 0, (npages + 63) // 64 - 1 do bitmap[#bitmap + 1] = string.pack("<I8", words[w]) end
+  local bitmap = m.bitmap
+  if not bitmap then
+    local t = {}
+    for w = 0, (npages + 63) // 64 - 1 do t[#t + 1] = string.pack("<I8", words[w] or 0) end
+    bitmap = table.concat(t)
+  end
   return string.pack("<I4I4I8I8I8", m.slot or 0, m.flags or 0, m.guest or 0, m.size, m.stored or #idx)
-    .. (m.bitmap or table.concat(bitmap)) .. (m.data or table.concat(data))
+    .. bitmap .. (m.data or table.concat(data))
 end
 
 --- A snapshot file's bytes, and where each section starts (at[k] = its

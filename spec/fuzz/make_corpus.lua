@@ -1,5 +1,6 @@
---- Writes the seed corpus under spec/fuzz/corpus/{elf,bzimage,exit}/ (run
--- from the repository root: `lua5.4 spec/fuzz/make_corpus.lua`). The seeds
+--- Writes the seed corpus under spec/fuzz/corpus/{elf,bzimage,exit,virtio,snapshot}/
+-- (run from the repository root: `lua5.4 spec/fuzz/make_corpus.lua`, after
+-- `make`: the snapshot seeds ask this host's KVM for its CPUID). The seeds
 -- are small valid (and nearly valid) inputs from which the fuzzers mutate.
 
 local function write(dir, name, bytes)
@@ -148,4 +149,50 @@ local VIRTIO = {
   full = vq(10, 256, { { 0x13000, 16, 2 } }, {}),
 }
 for name, bytes in pairs(VIRTIO) do write("virtio", name, bytes) end
+
+---------------------------------------------------------------- snapshot files
+-- snapshot files (csrc/snapfile.c) built by spec/snapfile_build.lua, small
+-- enough for make fuzz-run's -max_len (16 KiB): a VM with one 64 KiB region
+package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
+package.cpath = "./?.so;" .. package.cpath
+local build = require "snapfile_build"
+local B = build.KIND
+local code = "\xb0\x41\xe6\xe9\xf4"                  -- mov al, 'A'; out 0xe9, al; hlt
+local SNAPSHOT = {
+  tiny = build.file{
+    parts = { { kind = B.vm, data = build.record(1, ("\1"):rep(64)) .. build.record(4, ("\2"):rep(72)) },
+              build.vcpu(0),
+              { kind = B.device, id = 0, name = "uart", addr = 0x3f8, data = "\1\0\0\0" .. ("\0"):rep(12) } },
+    meta = "seed", mem = { { size = 0x10000, pages = { [1] = code, [15] = ("\x5a"):rep(64) } } } },
+  empty = build.file{},
+  two_vcpus = build.file{
+    parts = { build.vcpu(0), build.vcpu(1), { kind = B.device, id = 1, name = "debugexit", addr = 0xf4 } },
+    mem = { { size = 0x10000, pages = { [0] = code } }, { slot = 1, guest = 1 << 32, size = 0x40000 } } },
+}
+-- and two vm:snapshot() files of a VM with a UART that said 'A' and halted
+-- (with the in-kernel irqchip, PIT and clock, and without)
+local kvm = require "kvm"
+local x86 = require "kvm.x86"
+for _, irqchip in ipairs{ false, true } do
+  local vm = assert(kvm.vm())
+  local ram = vm:memory{ guest = 0, size = 0x10000 }
+  if irqchip then assert(vm:irqchip()) end
+  vm:serial{ port = 0x3f8, output = function() end }
+  local cpu = assert(vm:vcpu(0))
+  x86.real_mode(cpu)
+  ram:write(0x1000, "\xb0\x41\xba\xf8\x03\xee\xf4")   -- mov al, 'A'; mov dx, 0x3f8; out dx, al; hlt
+  cpu:set_regs{ rip = 0x1000, rsp = 0x8000, rflags = 2 }
+  cpu:run()
+  local path = os.tmpname()
+  assert(assert(vm:snapshot()):save(path))
+  local f = assert(io.open(path, "rb"))
+  SNAPSHOT[irqchip and "vm_snapshot_irqchip" or "vm_snapshot"] = f:read("a")
+  f:close()
+  os.remove(path)
+  vm:close()
+end
+for name, bytes in pairs(SNAPSHOT) do
+  assert(#bytes <= 16384, name)
+  write("snapshot", name, bytes)
+end
 print("corpus written")
