@@ -169,14 +169,15 @@ static int get_msr_list(int kvm_fd) {
   int r = 0;
   pthread_mutex_lock(&msr_lock);
   if (!msr_known) {
-    struct { struct kvm_msr_list h; uint32_t idx[MAX_MSRS]; } l;
-    memset(&l, 0, sizeof l);
-    l.h.nmsrs = MAX_MSRS;
-    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, &l) < 0) {
+    static uint32_t buf[MAX_MSRS + 1];   /* a kvm_msr_list: nmsrs, then the indices */
+    struct kvm_msr_list *l = (struct kvm_msr_list *)(void *)buf;
+    memset(buf, 0, sizeof buf);
+    l->nmsrs = MAX_MSRS;
+    if (ioctl(kvm_fd, KVM_GET_MSR_INDEX_LIST, l) < 0) {
       r = -1;                    /* E2BIG: more than MAX_MSRS, never seen */
     } else {
-      msr_count = l.h.nmsrs;
-      memcpy(msr_list, l.idx, 4 * (size_t)msr_count);
+      msr_count = l->nmsrs;
+      memcpy(msr_list, l->indices, 4 * (size_t)msr_count);
       msr_known = 1;
     }
   }
@@ -679,8 +680,10 @@ static int check_vm(Vm *vm, const Recs *r, char *err, size_t errlen) {
 static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, const char **what) {
   static __thread char msg[64];
   struct kvm_msrs *ms = (struct kvm_msrs *)(void *)scratch;
-  struct { struct kvm_msrs h; struct kvm_msr_entry e[4]; } held;
-  memset(&held, 0, sizeof held);
+  /* a kvm_msrs of up to 4 entries (a flexible array cannot sit in a struct) */
+  uint64_t heldbuf[(sizeof(struct kvm_msrs) + 4 * sizeof(struct kvm_msr_entry)) / 8];
+  struct kvm_msrs *held = (struct kvm_msrs *)(void *)heldbuf;
+  memset(heldbuf, 0, sizeof heldbuf);
   uint32_t m = 0;
   memset(ms, 0, sizeof *ms);
   for (uint32_t i = 0; i < n; i++) {
@@ -688,7 +691,7 @@ static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, con
     memcpy(&e, p + 16 * (size_t)i, 16);
     int h = 0;
     for (int k = 0; k < c->nmsr_held; k++) h |= c->msr_held[k] == e.index;
-    if (h && held.h.nmsrs < 4) held.e[held.h.nmsrs++] = e;
+    if (h && held->nmsrs < 4) held->entries[held->nmsrs++] = e;
     else ms->entries[m++] = e;
   }
   while (m > 0) {
@@ -696,28 +699,29 @@ static int put_msrs(Vcpu *c, const uint8_t *p, uint32_t n, uint8_t *scratch, con
     int set = ioctl(c->fd, KVM_SET_MSRS, ms);
     if (set < 0) { *what = "KVM_SET_MSRS"; return -1; }
     if ((uint32_t)set == m) break;
-    struct { struct kvm_msrs h; struct kvm_msr_entry e; } one;   /* entries[set] refused */
-    memset(&one, 0, sizeof one);
-    one.h.nmsrs = 1;
-    one.e = ms->entries[set];
-    uint64_t want = one.e.data;
-    if (ioctl(c->fd, KVM_GET_MSRS, &one) != 1 || one.e.data != want) {
-      snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", one.e.index);
+    uint64_t onebuf[(sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry)) / 8];
+    struct kvm_msrs *one = (struct kvm_msrs *)(void *)onebuf;   /* entries[set] refused */
+    memset(onebuf, 0, sizeof onebuf);
+    one->nmsrs = 1;
+    one->entries[0] = ms->entries[set];
+    uint64_t want = one->entries[0].data;
+    if (ioctl(c->fd, KVM_GET_MSRS, one) != 1 || one->entries[0].data != want) {
+      snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", one->entries[0].index);
       *what = msg;
       errno = EINVAL;
       return -1;
     }
-    if (c->nmsr_held < 4) c->msr_held[c->nmsr_held++] = one.e.index;
+    if (c->nmsr_held < 4) c->msr_held[c->nmsr_held++] = one->entries[0].index;
     m -= (uint32_t)set + 1;
     memmove(ms->entries, ms->entries + set + 1, sizeof(struct kvm_msr_entry) * m);
   }
-  if (held.h.nmsrs) {            /* still the values saved? */
+  if (held->nmsrs) {             /* still the values saved? */
     uint64_t want[4] = {0};
-    for (uint32_t k = 0; k < held.h.nmsrs; k++) want[k] = held.e[k].data;
-    int got = ioctl(c->fd, KVM_GET_MSRS, &held);
-    for (uint32_t k = 0; k < held.h.nmsrs; k++)
-      if (got != (int)held.h.nmsrs || held.e[k].data != want[k]) {
-        snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", held.e[k].index);
+    for (uint32_t k = 0; k < held->nmsrs; k++) want[k] = held->entries[k].data;
+    int got = ioctl(c->fd, KVM_GET_MSRS, held);
+    for (uint32_t k = 0; k < held->nmsrs; k++)
+      if (got != (int)held->nmsrs || held->entries[k].data != want[k]) {
+        snprintf(msg, sizeof msg, "KVM_SET_MSRS (MSR 0x%x refused)", held->entries[k].index);
         *what = msg;
         errno = EINVAL;
         return -1;
