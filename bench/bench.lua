@@ -26,7 +26,7 @@
 --      the device's time per request (and the preadv in it).
 --   1g, 1h: an MMIO exit to a virtio register, and a write KVM handles in
 --      the kernel through KVM_IOEVENTFD: what ioeventfd would save per queue
---      notify.
+--      notify. 1i: KVM_IRQ_LINE up and down against an eventfd write (irqfd).
 --
 -- Environment: ROUNDS (rows 1-4, default 5), BOOT_ROUNDS (rows 5-6, default
 -- 3; 0 skips them), DISK_ROUNDS (rows 7-8, default 3; 0 skips them),
@@ -233,7 +233,7 @@ local function kernel_memcpy()
 end
 
 local floor_t, cdev_t, lua_t, life_l, life_c, st, st_ref, kl, kc = {}, {}, {}, {}, {}, {}, {}, {}, {}
-local lua2_t, mmio_t, mmio_floor_t, ioev_t = {}, {}, {}, {}
+local lua2_t, mmio_t, mmio_floor_t, ioev_t, irqline_t, eventfd_t = {}, {}, {}, {}, {}, {}
 local have_kernel = io.open(VMLINUX, "rb")
 if have_kernel then have_kernel:close() end
 for r = 1, ROUNDS do
@@ -245,6 +245,8 @@ for r = 1, ROUNDS do
   mmio_floor_t[r] = per_exit_floor("mmio")
   mmio_t[r] = per_exit_mmio_virtio()
   ioev_t[r] = per_exit_floor("ioeventfd")
+  irqline_t[r] = per_exit_floor("irqline")
+  eventfd_t[r] = per_exit_floor("eventfd")
   life_c[r] = lifecycle_c()
   life_l[r] = lifecycle_lua()
   st[r] = startup()
@@ -258,10 +260,13 @@ row("1b port-I/O exit, Lua handler (us)", lua_t, floor_t, "<=1.10x", ratio_le(1.
 row("1f  the same, 2 vCPUs, vs 1b (us)", lua2_t, lua_t)
 row("1g MMIO exit, virtio register (us)", mmio_t, mmio_floor_t)
 row("1h  MMIO write, KVM_IOEVENTFD, vs 1g (us)", ioev_t, mmio_floor_t)
+row("1i IRQ_LINE up+down vs eventfd write (us)", irqline_t, eventfd_t)
 if ROUNDS > 0 then
   notes[#notes + 1] = "row 1g: a 32-bit write to a virtio device's InterruptACK, cpu:run{max_exits = N}, against "
     .. "`floor mmio` (the same write, bare KVM_RUN); row 1h: `floor ioeventfd`, the same write with a "
-    .. "KVM_IOEVENTFD on the address (KVM signals an eventfd without leaving the kernel), against `floor mmio`"
+    .. "KVM_IOEVENTFD on the address (KVM signals an eventfd without leaving the kernel), against `floor mmio`; "
+    .. "row 1i: `floor irqline`, KVM_IRQ_LINE high then low on GSI 16 (a virtio interrupt now), against "
+    .. "`floor eventfd`, one eventfd write (what would signal a KVM_IRQFD)"
 end
 if ROUNDS > 0 then
   notes[#notes + 1] = "row 1f: two vCPUs write one Lua-handled port at once (vm:run): each exit goes "

@@ -11,6 +11,11 @@
 **                      there (KVM signals an eventfd in the kernel, no exit
 **                      to user space), then 0xd0064 once; one KVM_RUN to that
 **                      exit; prints "ioeventfd N seconds"
+**   floor irqline N    a VM with the in-kernel irqchip: N times KVM_IRQ_LINE
+**                      GSI 16 high, then low (what a virtio device's interrupt
+**                      costs the VMM now); prints "irqline N seconds" (per pair)
+**   floor eventfd N    N writes of 1 to an eventfd (what signalling a
+**                      KVM_IRQFD would cost instead); prints "eventfd N seconds"
 **   floor lifecycle N  N times: create a VM with 64 KiB of memory and one
 **                      vCPU, run a 5-byte real-mode guest to HLT, destroy;
 **                      prints "lifecycle N seconds"
@@ -85,7 +90,7 @@ static void vm_close(struct vm *v) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 3) { fprintf(stderr, "usage: floor exits|mmio|ioeventfd|lifecycle N | memcpy FILE\n"); return 2; }
+  if (argc < 3) { fprintf(stderr, "usage: floor exits|mmio|ioeventfd|irqline|eventfd|lifecycle N | memcpy FILE\n"); return 2; }
   if (strcmp(argv[1], "memcpy") == 0) {
     int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
     if (fd < 0) die(argv[2]);
@@ -146,6 +151,28 @@ int main(int argc, char **argv) {
     printf("ioeventfd %ld %.9f\n", n, t1 - t0);
     close(efd);
     vm_close(&v);
+  } else if (strcmp(argv[1], "irqline") == 0) {
+    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm < 0) die("KVM_CREATE_VM");
+    if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0) die("KVM_CREATE_IRQCHIP");
+    double t0 = now();
+    for (long i = 0; i < n; i++) {
+      struct kvm_irq_level hi = { .irq = 16, .level = 1 }, lo = { .irq = 16, .level = 0 };
+      if (ioctl(vm, KVM_IRQ_LINE, &hi) < 0 || ioctl(vm, KVM_IRQ_LINE, &lo) < 0) die("KVM_IRQ_LINE");
+    }
+    double t1 = now();
+    printf("irqline %ld %.9f\n", n, t1 - t0);
+    close(vm);
+  } else if (strcmp(argv[1], "eventfd") == 0) {
+    int efd = eventfd(0, EFD_CLOEXEC);
+    if (efd < 0) die("eventfd");
+    uint64_t one = 1;
+    double t0 = now();
+    for (long i = 0; i < n; i++)
+      if (write(efd, &one, sizeof one) != sizeof one) die("write eventfd");
+    double t1 = now();
+    printf("eventfd %ld %.9f\n", n, t1 - t0);
+    close(efd);
   } else if (strcmp(argv[1], "lifecycle") == 0) {
     /* mov al, 1 ; out 0x80? no: 5 bytes: nop; nop; nop; nop; hlt */
     static const uint8_t code[] = { 0x90, 0x90, 0x90, 0x90, 0xf4 };
