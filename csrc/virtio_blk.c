@@ -64,7 +64,6 @@ typedef struct Blk {
   int readonly;
   uint64_t sectors;
   char serial[ID_BYTES];
-  int discard;                   /* DISCARD and WRITE_ZEROES offered: the file punches holes */
   uint64_t reads, writes, flushes, read_bytes, write_bytes, io_errors, discards, write_zeroes;
   uint64_t request_ns, io_ns;    /* time in requests, of which in preadv/pwritev */
 } Blk;
@@ -339,7 +338,6 @@ int l_vm_virtio_blk(lua_State *L) {
      fails where the file system (or a read-only descriptor) cannot punch */
   if (!ro && want_discard &&
       fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, sb.st_size, SECTOR) == 0) {
-    b->discard = 1;
     b->v.features |= BLK_F_DISCARD | BLK_F_WRITE_ZEROES;
     uint32_t align = sb.st_blksize >= SECTOR ? (uint32_t)(sb.st_blksize / SECTOR) : 1;
     put32le(cfg + C_MAX_DISCARD_SECTORS, DISCARD_SECTORS_MAX);
