@@ -19,24 +19,34 @@
 --   6. boot: spawn to "console [ttyS0] enabled", to the first kernel
 --      message, to "Run /init" and to the shell's prompt, vs QEMU's
 --      (bench/boot.lua).
---   7. snapshots: vm:restore() of a 64 MiB guest that dirtied 4 pages vs a
+--   7. disk, sequential: dd of the whole 256 MiB virtio-blk disk to
+--      /dev/null inside the guest, vs QEMU microvm's virtio-blk (bench/disk.lua).
+--   8. disk, random: 4 KiB O_DIRECT reads at queue depth 1 inside the guest,
+--      vs QEMU's; luakvm's exits, notifies and interrupts per request and
+--      the device's time per request (and the preadv in it).
+--   9. snapshots: vm:restore() of a 64 MiB guest that dirtied 4 pages vs a
 --      bare C reset (memcpy of the 4 pages, KVM_SET_REGS, KVM_SET_SREGS);
 --      execs per second of examples/snapshot_fuzz.lua; a booted Linux saved
 --      to a file and restored from it (bench/snaplinux.lua; not on kvm_pvm).
+--   1g, 1h: an MMIO exit to a virtio register, and a write KVM handles in
+--      the kernel through KVM_IOEVENTFD: what ioeventfd would save per queue
+--      notify. 1i: KVM_IRQ_LINE up and down against an eventfd write (irqfd).
 --
--- Environment: ROUNDS (rows 1-4 and 7, default 5), BOOT_ROUNDS (rows 5-6,
--- default 3; 0 skips them), EXITS, LIFECYCLES, RESETS, FUZZ_EXECS, SAVES
--- (rows 9c-9e, default 3; 0 skips them), VMLINUX,
--- BOOT_TIMEOUT, ONLY=boot (rows 5-6 alone), ONLY=snapshot (row 9 alone).
+-- Environment: ROUNDS (rows 1-4 and 9a-9b, default 5), BOOT_ROUNDS (rows 5-6,
+-- default 3; 0 skips them), DISK_ROUNDS (rows 7-8, default 3; 0 skips them),
+-- DISK_MIB (256), RANDREADS (1000), EXITS, LIFECYCLES, RESETS, FUZZ_EXECS,
+-- SAVES (rows 9c-9e, default 3; 0 skips them), VMLINUX, BOOT_TIMEOUT,
+-- ONLY=boot (rows 5-6 alone), ONLY=disk (rows 7-8 alone), ONLY=snapshot (row 9 alone).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "./?.so;" .. package.cpath
 local kvm = require "kvm"
 local x86 = require "kvm.x86"
 
 local ONLY = os.getenv("ONLY")
-local ROUNDS = ONLY == "boot" and 0 or tonumber(os.getenv("ROUNDS") or "5")
-local BOOT_ROUNDS = ONLY == "snapshot" and 0 or tonumber(os.getenv("BOOT_ROUNDS") or "3")
-local MAIN_ROUNDS = ONLY == "snapshot" and 0 or ROUNDS   -- rows 1-4
+local ROUNDS = (ONLY == nil or ONLY == "snapshot") and tonumber(os.getenv("ROUNDS") or "5") or 0
+local MAIN_ROUNDS = ONLY == nil and ROUNDS or 0   -- rows 1-4 (ROUNDS: and 9a-9b)
+local BOOT_ROUNDS = (ONLY == nil or ONLY == "boot") and tonumber(os.getenv("BOOT_ROUNDS") or "3") or 0
+local DISK_ROUNDS = (ONLY == nil or ONLY == "disk") and tonumber(os.getenv("DISK_ROUNDS") or "3") or 0
 local RESETS = tonumber(os.getenv("RESETS") or "2000")
 local FUZZ_EXECS = tonumber(os.getenv("FUZZ_EXECS") or "3000")
 local N = tonumber(os.getenv("EXITS") or "100000")
@@ -79,10 +89,10 @@ end
 -- the exit guest: mov dx, 0x3ff ; l: out dx, al ; jmp l
 local EXIT_GUEST = "\xba\xff\x03\xee\xeb\xfd"
 
-local function exit_vm()
+local function exit_vm(code)
   local vm = assert(kvm.vm())
   local ram = assert(vm:memory{ guest = 0, size = 64 << 10 })
-  ram:write(0x1000, EXIT_GUEST)
+  ram:write(0x1000, code or EXIT_GUEST)
   local cpu = assert(vm:vcpu(0))
   x86.real_mode(cpu)
   cpu:set_regs{ rip = 0x1000, rflags = 2 }
@@ -96,9 +106,8 @@ local function close_all(cpu, vm, ram)
   cpu:close(); vm:close(); ram:close()
 end
 
-local function per_exit_c_device()
-  local vm, cpu, ram = exit_vm()
-  vm:serial{ port = 0x3f8, output = function() end }   -- 0x3ff is its scratch register
+-- 1000 exits to warm up, then N timed; everything closed: us per exit
+local function timed_exits(vm, cpu, ram)
   cpu:run{ max_exits = 1000 }
   local t0 = now()
   local e = cpu:run{ max_exits = N }
@@ -106,6 +115,12 @@ local function per_exit_c_device()
   assert(e.reason == "max_exits", tostring(e))
   close_all(cpu, vm, ram)
   return t / N * 1e6
+end
+
+local function per_exit_c_device()
+  local vm, cpu, ram = exit_vm()
+  vm:serial{ port = 0x3f8, output = function() end }   -- 0x3ff is its scratch register
+  return timed_exits(vm, cpu, ram)
 end
 
 local garbage = 0
@@ -155,8 +170,20 @@ local function per_exit_lua_2cpus()
   return t / n * 1e6
 end
 
-local function per_exit_floor()
-  local n, secs = sh(FLOOR .. " exits " .. N):match("exits (%d+) ([%d.]+)")
+-- the MMIO exit guest: mov ax, 0xd000 ; mov ds, ax ; l: mov [0x64], eax ; jmp l
+-- (a 32-bit write to 0xd0064: InterruptACK of a virtio device at 0xd0000)
+local MMIO_GUEST = "\xb8\x00\xd0\x8e\xd8\x66\xa3\x64\x00\xeb\xfa"
+
+local function per_exit_mmio_virtio()
+  local vm, cpu, ram = exit_vm(MMIO_GUEST)
+  vm:virtio_rng{ base = 0xd0000 }
+  return timed_exits(vm, cpu, ram)
+end
+
+-- `floor exits|mmio|ioeventfd N`: us per exit
+local function per_exit_floor(mode)
+  mode = mode or "exits"
+  local n, secs = sh(FLOOR .. " " .. mode .. " " .. N):match(mode .. " (%d+) ([%d.]+)")
   return tonumber(secs) / tonumber(n) * 1e6
 end
 
@@ -272,6 +299,7 @@ end
 
 local floor_t, cdev_t, lua_t, life_l, life_c, st, st_ref, kl, kc = {}, {}, {}, {}, {}, {}, {}, {}, {}
 local lua2_t, reset_l, reset_f, fuzz = {}, {}, {}, {}
+local mmio_t, mmio_floor_t, ioev_t, irqline_t, eventfd_t = {}, {}, {}, {}, {}
 local have_kernel = io.open(VMLINUX, "rb")
 if have_kernel then have_kernel:close() end
 for r = 1, ROUNDS do
@@ -284,6 +312,11 @@ for r = 1, ROUNDS do
   cdev_t[r] = per_exit_c_device()
   lua_t[r] = per_exit_lua()
   lua2_t[r] = per_exit_lua_2cpus()
+  mmio_floor_t[r] = per_exit_floor("mmio")
+  mmio_t[r] = per_exit_mmio_virtio()
+  ioev_t[r] = per_exit_floor("ioeventfd")
+  irqline_t[r] = per_exit_floor("irqline")
+  eventfd_t[r] = per_exit_floor("eventfd")
   life_c[r] = lifecycle_c()
   life_l[r] = lifecycle_lua()
   st[r] = startup()
@@ -296,6 +329,16 @@ local function ratio_le(g) return function(_, ratio) return ratio ~= nil and rat
 row("1a port-I/O exit, C device (us)", cdev_t, floor_t, "<=1.03x", ratio_le(1.03))
 row("1b port-I/O exit, Lua handler (us)", lua_t, floor_t, "<=1.10x", ratio_le(1.10))
 row("1f  the same, 2 vCPUs, vs 1b (us)", lua2_t, lua_t)
+row("1g MMIO exit, virtio register (us)", mmio_t, mmio_floor_t)
+row("1h  MMIO write, KVM_IOEVENTFD, vs 1g (us)", ioev_t, mmio_floor_t)
+row("1i IRQ_LINE up+down vs eventfd write (us)", irqline_t, eventfd_t)
+if MAIN_ROUNDS > 0 then
+  notes[#notes + 1] = "row 1g: a 32-bit write to a virtio device's InterruptACK, cpu:run{max_exits = N}, against "
+    .. "`floor mmio` (the same write, bare KVM_RUN); row 1h: `floor ioeventfd`, the same write with a "
+    .. "KVM_IOEVENTFD on the address (KVM signals an eventfd without leaving the kernel), against `floor mmio`; "
+    .. "row 1i: `floor irqline`, KVM_IRQ_LINE high then low on GSI 16 (a virtio interrupt now), against "
+    .. "`floor eventfd`, one eventfd write (what would signal a KVM_IRQFD)"
+end
 if MAIN_ROUNDS > 0 then
   notes[#notes + 1] = "row 1f: two vCPUs write one Lua-handled port at once (vm:run): each exit goes "
     .. "from its vCPU's thread to the Lua thread and back; time per exit of either vCPU, against 1b's one vCPU "
@@ -381,6 +424,85 @@ if BOOT_ROUNDS > 0 and have_kernel then
   end
 end
 
+-- rows 7 and 8: reading a virtio-blk disk in the guest, ours and QEMU's (bench/disk.lua)
+if DISK_ROUNDS > 0 and have_kernel then
+  local disk = dofile "bench/disk.lua"
+  local res = disk.measure(DISK_ROUNDS, function(msg) io.stderr:write("\r\27[2K", msg) end)
+  io.stderr:write("\r\27[2K")
+  local seq, rand = { ours = {}, qemu = {} }, { ours = {}, qemu = {} }
+  -- luakvm's counters per guest request, phase by phase: the differences of
+  -- its counters (host) over the differences of the guest's completed reads
+  local per = { seq = {}, rand = {} }
+  local function add(t, k, v) t[k] = t[k] or {}; t[k][#t[k] + 1] = v end
+  for _, who in ipairs{ "ours", "qemu" } do
+    for r, b in ipairs(res[who]) do
+      if b.seq then seq[who][#seq[who] + 1] = b.seq end
+      if b.rand then rand[who][#rand[who] + 1] = b.rand / disk.RANDREADS * 1e6 end
+      if not b.done then
+        notes[#notes + 1] = ("disk %s round %d: STOPPED before the end (%s); last line: %s")
+          :format(who, r, b.stopped or "?", b.last:sub(1, 80))
+      end
+      for phase, from in pairs{ seq = "start", rand = "seq" } do
+        local g1, g0, h1, h0 = b.guest[phase], b.guest[from], b.host[phase], b.host[from]
+        if who == "ours" and g1 and g0 and h1 and h0 and g1[1] > g0[1] then
+          local reqs = g1[1] - g0[1]                       -- reads the guest completed
+          local chains = h1.virtio_chains - h0.virtio_chains
+          local pp = per[phase]
+          add(pp, "reqs", reqs)
+          add(pp, "exits", (h1.exits - h0.exits) / reqs)
+          add(pp, "mmio", ((h1.exit_mmio or 0) - (h0.exit_mmio or 0)) / reqs)
+          for k, v in pairs(h1) do
+            local reason = k:match("^exit_(.*)")
+            if reason then add(pp, "by_" .. reason, (v - (h0[k] or 0)) / reqs) end
+          end
+          add(pp, "notifies", (h1.virtio_notifies - h0.virtio_notifies) / reqs)
+          add(pp, "irqs", (h1.virtio_irqs - h0.virtio_irqs) / reqs)
+          add(pp, "kib", (h1.blk_read_bytes - h0.blk_read_bytes) / chains / 1024)
+          add(pp, "dev_us", (h1.blk_request_ns - h0.blk_request_ns) / chains / 1e3)
+          add(pp, "io_us", (h1.blk_io_ns - h0.blk_io_ns) / chains / 1e3)
+        end
+      end
+    end
+  end
+  row(("7  dd %d MiB from vda (s)"):format(disk.MIB), seq.ours, seq.qemu)
+  row("8  4 KiB random read, QD1 (us)", rand.ours, rand.qemu)
+  local p = per.rand
+  if p.exits then
+    row("8b  exits per request", p.exits, {})
+    row("8c   of which MMIO", p.mmio, {})
+    row("8d  device time per request (us)", p.dev_us, {})
+    row("8e   of which preadv (us)", p.io_us, {})
+  end
+  local function med(t) return t and (stats(t)) or 0 / 0 end
+  local function by_reason(pp)
+    local t = {}
+    for k, v in pairs(pp) do
+      local reason = k:match("^by_(.*)")
+      if reason and med(v) >= 0.005 then t[#t + 1] = ("%s %.2f"):format(reason, med(v)) end
+    end
+    table.sort(t)
+    return table.concat(t, ", ")
+  end
+  local s = per.seq
+  if s.exits then
+    notes[#notes + 1] = ("row 7, per request (luakvm, medians): %.0f requests of %.0f KiB, %.2f exits "
+      .. "(%.2f MMIO), %.2f notifies, %.2f interrupts; device time %.1f us, of which preadv %.1f us; "
+      .. "%.1f MiB/s ours, %.1f MiB/s QEMU")
+      :format(med(s.reqs), med(s.kib), med(s.exits), med(s.mmio), med(s.notifies), med(s.irqs), med(s.dev_us),
+        med(s.io_us), disk.MIB / med(seq.ours), disk.MIB / med(seq.qemu))
+    notes[#notes + 1] = "row 7, exits per request by reason: " .. by_reason(s)
+  end
+  if p.exits then
+    notes[#notes + 1] = ("row 8, per request (luakvm, medians): %.0f requests, %.2f notifies, %.2f interrupts; "
+      .. "exits by reason: %s"):format(med(p.reqs), med(p.notifies), med(p.irqs), by_reason(p))
+  end
+  notes[#notes + 1] = ("rows 7-8: %d boots each, interleaved; reference: QEMU, -M microvm -accel kvm, "
+    .. "virtio-blk-device, readonly=on, default cache (the host's page cache, as ours); %d MiB read-only "
+    .. "image of random bytes, %d random reads, %d MiB guest; timed on the host from the console line before "
+    .. "to the one after")
+    :format(DISK_ROUNDS, disk.MIB, disk.RANDREADS, disk.MEMORY_MIB)
+end
+
 -- row 9: snapshots
 row("9a snapshot reset, 4 pages (us)", reset_l, reset_f, "<=4x", ratio_le(4))
 row("9b snapshot_fuzz.lua (execs/s)", fuzz, {}, ">=1000/s", function(m) return m >= 1000 end)
@@ -392,7 +514,7 @@ end
 -- rows 9c-9e: a booted Linux saved to a file and restored (bench/snaplinux.lua);
 -- the boot reaches user mode, which kvm_pvm cannot run
 local SAVES = tonumber(os.getenv("SAVES") or "3")
-if SAVES > 0 and ONLY ~= "boot" and have_kernel then
+if SAVES > 0 and (ONLY == nil or ONLY == "snapshot") and have_kernel then
   if kvm.host_info().module == "kvm_pvm" then
     notes[#notes + 1] = "rows 9c-9e: not measured: kvm_pvm cannot run the guest's user mode (`make bench` runs nested)"
   else

@@ -4,6 +4,18 @@
 **
 **   floor exits N      a real-mode guest loops "out dx, al" to port 0x3ff;
 **                      KVM_RUN N times; prints "exits N seconds"
+**   floor mmio N       a real-mode guest loops a 32-bit write to 0xd0064
+**                      (no memory there: an MMIO exit); KVM_RUN N times;
+**                      prints "mmio N seconds"
+**   floor ioeventfd N  the guest writes 0xd0050 N times, a KVM_IOEVENTFD
+**                      there (KVM signals an eventfd in the kernel, no exit
+**                      to user space), then 0xd0064 once; one KVM_RUN to that
+**                      exit; prints "ioeventfd N seconds"
+**   floor irqline N    a VM with the in-kernel irqchip: N times KVM_IRQ_LINE
+**                      GSI 16 high, then low (what a virtio device's interrupt
+**                      costs the VMM now); prints "irqline N seconds" (per pair)
+**   floor eventfd N    N writes of 1 to an eventfd (what signalling a
+**                      KVM_IRQFD would cost instead); prints "eventfd N seconds"
 **   floor lifecycle N  N times: create a VM with 64 KiB of memory and one
 **                      vCPU, run a 5-byte real-mode guest to HLT, destroy;
 **                      prints "lifecycle N seconds"
@@ -22,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -61,6 +74,17 @@ static void vm_open(struct vm *v, int kvm, const uint8_t *code, size_t n) {
   if (ioctl(v->cpu, KVM_SET_SREGS, &s) < 0) die("KVM_SET_SREGS");
   struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
   if (ioctl(v->cpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+}
+
+/* N exits of `reason` after 1000 to warm up: seconds */
+static double run_exits(struct vm *v, long n, unsigned reason) {
+  for (int i = 0; i < 1000; i++) ioctl(v->cpu, KVM_RUN, 0);
+  double t0 = now();
+  for (long i = 0; i < n; i++) {
+    if (ioctl(v->cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+    if (v->run->exit_reason != reason) { fprintf(stderr, "exit %u\n", v->run->exit_reason); exit(1); }
+  }
+  return now() - t0;
 }
 
 static void vm_close(struct vm *v) {
@@ -155,7 +179,7 @@ static void reset_bench(int kvm, long n) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 3) { fprintf(stderr, "usage: floor exits|lifecycle|reset N | memcpy FILE\n"); return 2; }
+  if (argc < 3) { fprintf(stderr, "usage: floor exits|mmio|ioeventfd|irqline|eventfd|lifecycle|reset N | memcpy FILE\n"); return 2; }
   if (strcmp(argv[1], "memcpy") == 0) {
     int fd = open(argv[2], O_RDONLY | O_CLOEXEC);
     if (fd < 0) die(argv[2]);
@@ -178,15 +202,66 @@ int main(int argc, char **argv) {
     static const uint8_t code[] = { 0xba, 0xff, 0x03, 0xee, 0xeb, 0xfd };
     struct vm v;
     vm_open(&v, kvm, code, sizeof code);
-    for (int i = 0; i < 1000; i++) ioctl(v.cpu, KVM_RUN, 0);   /* warm up */
+    printf("exits %ld %.9f\n", n, run_exits(&v, n, KVM_EXIT_IO));
+    vm_close(&v);
+  } else if (strcmp(argv[1], "mmio") == 0) {
+    /* mov ax, 0xd000 ; mov ds, ax ; l: mov [0x64], eax ; jmp l */
+    static const uint8_t code[] = { 0xb8, 0x00, 0xd0, 0x8e, 0xd8, 0x66, 0xa3, 0x64, 0x00, 0xeb, 0xfa };
+    struct vm v;
+    vm_open(&v, kvm, code, sizeof code);
+    printf("mmio %ld %.9f\n", n, run_exits(&v, n, KVM_EXIT_MMIO));
+    vm_close(&v);
+  } else if (strcmp(argv[1], "ioeventfd") == 0) {
+    /* mov ax, 0xd000 ; mov ds, ax ; mov ecx, N ;
+       l: mov [0x50], eax ; dec ecx ; jnz l ; mov [0x64], eax ; jmp $ */
+    uint8_t code[] = { 0xb8, 0x00, 0xd0, 0x8e, 0xd8, 0x66, 0xb9, 0, 0, 0, 0,
+                       0x66, 0xa3, 0x50, 0x00, 0x66, 0x49, 0x75, 0xf8,
+                       0x66, 0xa3, 0x64, 0x00, 0xeb, 0xfe };
+    uint32_t cnt = (uint32_t)n;
+    memcpy(code + 7, &cnt, 4);
+    struct vm v;
+    vm_open(&v, kvm, code, sizeof code);
+    int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (efd < 0) die("eventfd");
+    struct kvm_ioeventfd io = { .addr = 0xd0050, .len = 4, .fd = efd };
+    if (ioctl(v.fd, KVM_IOEVENTFD, &io) < 0) die("KVM_IOEVENTFD");
+    double t0 = now();
+    if (ioctl(v.cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+    double t1 = now();
+    if (v.run->exit_reason != KVM_EXIT_MMIO || v.run->mmio.phys_addr != 0xd0064) {
+      fprintf(stderr, "exit %u\n", v.run->exit_reason);
+      return 1;
+    }
+    uint64_t signalled = 0;
+    if (read(efd, &signalled, sizeof signalled) != sizeof signalled || signalled != (uint64_t)n) {
+      fprintf(stderr, "eventfd counted %llu of %ld\n", (unsigned long long)signalled, n);
+      return 1;
+    }
+    printf("ioeventfd %ld %.9f\n", n, t1 - t0);
+    close(efd);
+    vm_close(&v);
+  } else if (strcmp(argv[1], "irqline") == 0) {
+    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm < 0) die("KVM_CREATE_VM");
+    if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0) die("KVM_CREATE_IRQCHIP");
     double t0 = now();
     for (long i = 0; i < n; i++) {
-      if (ioctl(v.cpu, KVM_RUN, 0) < 0) die("KVM_RUN");
-      if (v.run->exit_reason != KVM_EXIT_IO) { fprintf(stderr, "exit %u\n", v.run->exit_reason); return 1; }
+      struct kvm_irq_level hi = { .irq = 16, .level = 1 }, lo = { .irq = 16, .level = 0 };
+      if (ioctl(vm, KVM_IRQ_LINE, &hi) < 0 || ioctl(vm, KVM_IRQ_LINE, &lo) < 0) die("KVM_IRQ_LINE");
     }
     double t1 = now();
-    printf("exits %ld %.9f\n", n, t1 - t0);
-    vm_close(&v);
+    printf("irqline %ld %.9f\n", n, t1 - t0);
+    close(vm);
+  } else if (strcmp(argv[1], "eventfd") == 0) {
+    int efd = eventfd(0, EFD_CLOEXEC);
+    if (efd < 0) die("eventfd");
+    uint64_t one = 1;
+    double t0 = now();
+    for (long i = 0; i < n; i++)
+      if (write(efd, &one, sizeof one) != sizeof one) die("write eventfd");
+    double t1 = now();
+    printf("eventfd %ld %.9f\n", n, t1 - t0);
+    close(efd);
   } else if (strcmp(argv[1], "lifecycle") == 0) {
     /* mov al, 1 ; out 0x80? no: 5 bytes: nop; nop; nop; nop; hlt */
     static const uint8_t code[] = { 0x90, 0x90, 0x90, 0x90, 0xf4 };

@@ -213,8 +213,8 @@ static const char *const base_allow[] = {
   "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
   "gettid", "getpid", "tgkill",
   /* virtio devices: virtio-blk's requests (one preadv/pwritev each) and
-     FLUSH, virtio-rng's entropy */
-  "preadv", "pwritev", "fdatasync", "getrandom",
+     FLUSH, its DISCARD and WRITE_ZEROES (fallocate), virtio-rng's entropy */
+  "preadv", "pwritev", "fdatasync", "fallocate", "getrandom",
   /* Lua's allocator (glibc malloc) and guest memory */
   "mmap", "munmap", "mremap", "brk", "madvise", "mprotect",
   /* threads (vm:run: clone is allowed for threads only, below), scheduling, leaving */

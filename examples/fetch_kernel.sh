@@ -11,7 +11,11 @@
 #   initramfs.cpio.gz  busybox-static + the modules + an /init that loads them, prints
 #                      LUAKVM-INIT-OK and starts busybox init, which runs a shell on the
 #                      console and on `poweroff` or `reboot` ends the system the way a
-#                      distribution's init does
+#                      distribution's init does; with root=DEVICE on the kernel command
+#                      line (root=/dev/vda: the first virtio disk) it mounts DEVICE
+#                      instead (rootfstype=, rootflags=, and ro, the default, or rw, as
+#                      the kernel takes them) and switch_root's to its init= (default
+#                      /sbin/init, else /bin/sh)
 #
 # Needs Debian (apt-get, dpkg-deb) on amd64. Installs lz4, busybox-static, cpio, gzip and
 # binutils when missing (as root, or through sudo). A second run with all three files
@@ -25,7 +29,7 @@ VMLINUX=$OUTDIR/vmlinux
 INITRAMFS=$OUTDIR/initramfs.cpio.gz
 # the initramfs's contents: bump when /init or /etc/inittab below change, and
 # a second run rebuilds the initramfs (and only it)
-INITRAMFS_VERSION=3
+INITRAMFS_VERSION=4
 INITRAMFS_STAMP=$OUTDIR/.initramfs-version
 MODULES=$OUTDIR/modules
 # the virtio drivers, in load order (each needs the ones before it); modules
@@ -309,7 +313,7 @@ else
 	for a in $("$BUSYBOX" --list); do
 		[ "$a" = busybox ] || [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"
 	done
-	for a in sh mount echo cat ls uname poweroff reboot init setsid cttyhack insmod sync; do
+	for a in sh mount umount echo cat ls uname poweroff reboot init setsid cttyhack insmod sync sleep switch_root; do
 		[ -e "$R/bin/$a" ] || die "busybox has no '$a' applet"
 	done
 	if [ "$(id -u)" -eq 0 ]; then
@@ -335,6 +339,38 @@ for m in virtio_ring virtio virtio_mmio virtio_blk virtio-rng virtio_console; do
 done
 echo LUAKVM-INIT-OK
 uname -r
+# root=DEVICE: mount it and switch_root to its init, as a distribution's
+# initramfs does (the kernel reads root= only when there is no initramfs)
+root= fstype= flags= mode=ro newinit=
+for a in $(cat /proc/cmdline); do
+	case $a in
+	root=*) root=${a#root=} ;;
+	rootfstype=*) fstype=${a#rootfstype=} ;;
+	rootflags=*) flags=${a#rootflags=} ;;
+	ro|rw) mode=$a ;;
+	init=*) newinit=${a#init=} ;;
+	esac
+done
+if [ -n "$root" ]; then
+	# the disk appears once its driver has probed it: wait up to 10 s
+	n=0
+	while [ ! -b "$root" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+	if mount ${fstype:+-t "$fstype"} -o "$mode${flags:+,$flags}" "$root" /mnt; then
+		[ -n "$newinit" ] || for i in /sbin/init /bin/sh; do
+			if [ -x "/mnt$i" ] || [ -L "/mnt$i" ]; then newinit=$i; break; fi
+		done
+		if [ -n "$newinit" ]; then
+			echo "LUAKVM-ROOT $root ($mode): switch_root to $newinit"
+			mount --move /dev /mnt/dev 2>/dev/null || umount -l /dev
+			umount /proc /sys
+			exec switch_root /mnt "$newinit"
+		fi
+		echo "LUAKVM-ROOT $root has no /sbin/init nor /bin/sh: staying in the initramfs"
+		umount /mnt
+	else
+		echo "LUAKVM-ROOT cannot mount $root: staying in the initramfs"
+	fi
+fi
 # busybox init as PID 1 (/etc/inittab): a shell on the console, started again
 # when it exits; poweroff, reboot and halt signal it and it ends the system
 exec /bin/init

@@ -88,6 +88,16 @@ function support.sh(cmd)
   return out, ok and 0 or code
 end
 
+--- Can the file system holding `path` punch holes (what virtio-blk probes
+-- before it offers DISCARD)? Asked of util-linux's fallocate(1), a hole past
+-- the end of the file: nothing in it changes.
+function support.punches_holes(path)
+  local size = #support.slurp(path)
+  local _, code = support.sh(("fallocate --punch-hole --keep-size --offset %d --length 512 '%s' 2>&1")
+    :format(size, path))
+  return code == 0
+end
+
 --- Does a file (or folder) open for reading?
 function support.exists(path)
   local f = io.open(path, "rb")

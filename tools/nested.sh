@@ -168,7 +168,7 @@ run() {
 	# the command, its environment and its folder, for /init to run in the chroot
 	{
 		echo "cd '$ROOT' || exit 2"
-		env | grep -E '^(LUAKVM_[A-Z0-9_]*|BUSTED_[A-Z0-9_]*|[A-Z]*SAN_OPTIONS|TERM|LANG|LC_ALL|PATH|ONLY|ROUNDS|BOOT_ROUNDS|EXITS|LIFECYCLES|VMLINUX|BOOT_TIMEOUT|EXITCOST_N[12]|FUZZ_SECONDS|RESETS|FUZZ_EXECS|SAVES)=' |
+		env | grep -E '^(LUAKVM_[A-Z0-9_]*|BUSTED_[A-Z0-9_]*|[A-Z]*SAN_OPTIONS|TERM|LANG|LC_ALL|PATH|ONLY|ROUNDS|BOOT_ROUNDS|EXITS|LIFECYCLES|VMLINUX|BOOT_TIMEOUT|DISK_ROUNDS|DISK_MIB|DISK_TIMEOUT|RANDREADS|EXITCOST_N[12]|FUZZ_SECONDS|RESETS|FUZZ_EXECS|SAVES)=' |
 			grep -v '^LUAKVM_KVM=' | sed "s/'/'\\\\''/g; s/^\([^=]*\)=\(.*\)$/export \1='\2'/"
 		echo "export LUAKVM_NESTED=1 HOME=/tmp"
 		printf 'exec'

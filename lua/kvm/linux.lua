@@ -338,11 +338,11 @@ local function plan_layout(p)
   return pcall(linux.check_ranges, p.ranges, p.ram)
 end
 
--- The virtio devices: plan.virtio = {{kind = "blk", path=, readonly=, base=,
--- irq=} or {kind = "rng", base=, irq=}, ...}, the disks first, the Lua
--- devices (`opts.virtio`: {kind = "lua", options = vm:virtio's}) last;
--- raises (level 3: plan's caller) on bad options, nil + message for a disk
--- that is missing.
+-- The virtio devices: plan.virtio = {{kind = "blk", path=, readonly=,
+-- discard= (only when given), base=, irq=} or {kind = "rng", base=, irq=},
+-- ...}, the disks first, the Lua devices (`opts.virtio`: {kind = "lua",
+-- options = vm:virtio's}) last; raises (level 3: plan's caller) on bad
+-- options, nil + message for a disk that is missing.
 local function plan_virtio(p, opts)
   local list = {}
   if opts.disks ~= nil and type(opts.disks) ~= "table" then
@@ -356,9 +356,13 @@ local function plan_virtio(p, opts)
     if d.readonly ~= nil and type(d.readonly) ~= "boolean" then
       error(fmt("linux.plan: disks[%d].readonly must be a boolean", i), 3)
     end
+    if d.discard ~= nil and type(d.discard) ~= "boolean" then
+      error(fmt("linux.plan: disks[%d].discard must be a boolean", i), 3)
+    end
     local size, err = file_size(d.path)
     if not size then return nil, err end
-    list[#list + 1] = { kind = "blk", path = d.path, readonly = d.readonly or false, size = size }
+    list[#list + 1] = { kind = "blk", path = d.path, readonly = d.readonly or false, discard = d.discard,
+                        size = size }
   end
   if opts.rng ~= nil and type(opts.rng) ~= "boolean" then error("linux.plan: 'rng' must be a boolean", 3) end
   if opts.rng then list[#list + 1] = { kind = "rng" } end
@@ -607,7 +611,8 @@ function linux.STEPS.devices(ctx, plan)
   for i, v in ipairs(d.virtio or {}) do
     local dev, err
     if v.kind == "blk" then
-      dev, err = vm:virtio_blk{ path = v.path, readonly = v.readonly, base = v.base, irq = v.irq }
+      dev, err = vm:virtio_blk{ path = v.path, readonly = v.readonly, discard = v.discard, base = v.base,
+                                irq = v.irq }
     elseif v.kind == "console" then
       dev = vm:virtio_console{ output = v.output, input = v.input, base = v.base, irq = v.irq }
     elseif v.kind == "lua" then
@@ -878,12 +883,13 @@ end
 --   profile, false for none; default: detected), `bootparams` (function(bp)
 --   to change boot_params before packing), `acpi` (false, or options for
 --   kvm.acpi.build), `hugepages`, `steps` (see `linux.apply`), `disks` (a list
---   of image paths or `{path =, readonly = false}`: virtio-blk devices, the
---   first /dev/vda), `rng` (true: a virtio-rng device), `virtio_console`
---   (`{output =, input =}` as vm:virtio_console's: the guest's /dev/hvc0),
---   `virtio` (a list of vm:virtio's options but `base` and `irq`: virtio
---   devices written in Lua, in the slots after the others; a block device
---   among them is a /dev/vdX after the `disks`).
+--   of image paths or `{path =, readonly = false, discard = true}`:
+--   virtio-blk devices, the first /dev/vda; vm:virtio_blk's options), `rng`
+--   (true: a virtio-rng device), `virtio_console` (`{output =, input =}` as
+--   vm:virtio_console's: the guest's /dev/hvc0), `virtio` (a list of
+--   vm:virtio's options but `base` and `irq`: virtio devices written in Lua,
+--   in the slots after the others; a block device among them is a /dev/vdX
+--   after the `disks`).
 -- @return the Exit that ended the run, and ctx
 -- @return[2] nil, message
 function linux.boot(opts)

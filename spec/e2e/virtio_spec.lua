@@ -17,8 +17,8 @@ local exists = support.exists
 local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.execute("rm -rf '" .. p .. "'") end end)
 
--- an 8 MiB ext4 image holding /marker.txt, made without root
-local function ext4_image(marker)
+-- an ext4 image (8 MiB, or `mib`) holding /marker.txt, made without root
+local function ext4_image(marker, mib)
   local dir = support.sh("mktemp -d"):match("^(%S+)")
   tmp[#tmp + 1] = dir
   local f = assert(io.open(dir .. "/marker.txt", "w"))
@@ -26,9 +26,15 @@ local function ext4_image(marker)
   f:close()
   local img = os.tmpname()
   tmp[#tmp + 1] = img
-  local out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin mke2fs -q -F -t ext4 -d '%s' '%s' 8M"):format(dir, img))
+  local out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin mke2fs -q -F -t ext4 -d '%s' '%s' %dM"):format(dir, img,
+    mib or 8))
   assert.equal(0, code, out)
   return img
+end
+
+-- the image's allocated 512-byte blocks (stat %b)
+local function blocks(path)
+  return tonumber(support.sh("stat -c %b '" .. path .. "'"):match("%d+"))
 end
 
 local function md5(path)
@@ -184,5 +190,58 @@ describe("#e2e #userspace virtio-mmio devices in Linux", function()
     assert.falsy(out:find("written-in-the-5-guest", 1, true), out)
     assert.equal(0, stats.virtio_errors)
     assert.is_true(stats.virtio_lua_used > 0)
+  end)
+
+  it("fstrim in the guest: DISCARD punches the deleted file's blocks out of the image", function()
+    need_kernel()
+    local img = ext4_image("trim-marker", 32)
+    if not support.punches_holes(img) then
+      return pending("the file system of " .. img .. " punches no holes: DISCARD is not offered")
+    end
+    local before = blocks(img)
+    local e, log, stats = boot({ disks = { img } }, {
+      { send = "echo luakvm-$((6*7))\n", wait = "luakvm-42" },
+      { send = "cat /sys/block/vda/queue/discard_max_bytes; mount -t ext4 /dev/vda /mnt"
+          .. " && dd if=/dev/urandom of=/mnt/big bs=1M count=8 && sync && rm /mnt/big && sync"
+          .. " && fstrim -v /mnt && umount /mnt && echo trim-$((3+3))-ok\n", wait = "trim-6-ok" },
+      { send = "poweroff\n", wait = "reboot: Power down" },
+    })
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.truthy(log:find("\n2147483648\r?\n"), "discard_max_bytes is not max_discard_sectors' 2 GiB")
+    assert.is_true(stats.blk_discards > 0, "no DISCARD request")
+    assert.equal(0, stats.virtio_errors)
+    -- 8 MiB were written and deleted: without the holes the image would hold them
+    local grown = (blocks(img) - before) * 512
+    assert.is_true(grown < 4 << 20, ("the image grew by %d bytes"):format(grown))
+    local out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin e2fsck -fn '%s'"):format(img))
+    assert.equal(0, code, out)
+  end)
+
+  it("root=/dev/vda: the initramfs's /init mounts the disk and switch_root's to its /sbin/init", function()
+    need_kernel()
+    -- a root file system: static busybox, /bin/sh, an /sbin/init that reports and powers off
+    local dir = support.sh("mktemp -d"):match("^(%S+)")
+    tmp[#tmp + 1] = dir
+    local out, code = support.sh(("cd '%s' && mkdir bin sbin proc dev && cp /bin/busybox bin/ && ln -s busybox bin/sh"
+      .. " && echo root-marker > marker"):format(dir))
+    assert.equal(0, code, out)
+    local f = assert(io.open(dir .. "/sbin/init", "w"))
+    f:write([[#!/bin/sh
+/bin/busybox mount -t proc proc /proc
+echo "LUAKVM-NEWROOT $(/bin/busybox cat /marker) pid $$ $(/bin/busybox grep ' / ' /proc/mounts)"
+/bin/busybox poweroff -f
+]])
+    f:close()
+    assert.equal(0, select(2, support.sh(("chmod 0755 '%s/sbin/init'"):format(dir))))
+    local img = os.tmpname()
+    tmp[#tmp + 1] = img
+    out, code = support.sh(("PATH=$PATH:/sbin:/usr/sbin mke2fs -q -F -t ext4 -d '%s' '%s' 8M"):format(dir, img))
+    assert.equal(0, code, out)
+    local e, log = boot({ disks = { img }, append = "root=/dev/vda" }, {
+      { send = "", wait = "LUAKVM-NEWROOT" },
+    })
+    assert.equal("poweroff", e.reason, tostring(e))
+    assert.truthy(log:find("LUAKVM-ROOT /dev/vda (ro): switch_root to /sbin/init", 1, true), log:sub(-2000))
+    assert.truthy(log:find("LUAKVM-NEWROOT root-marker pid 1 /dev/vda / ext4 ro", 1, true), log:sub(-2000))
   end)
 end)

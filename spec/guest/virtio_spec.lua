@@ -31,7 +31,7 @@ describe("virtio-mmio #guest", function()
     it("a block device: magic, version 2, device 2, features, capacity and seg_max in config", function()
       support.need_kvm()
       local vm = new_vm()
-      local dev = assert(vm:virtio_blk{ path = image(3) })
+      local dev = assert(vm:virtio_blk{ path = image(3), discard = false })
       assert.equal(0x74726976, r(dev, R.MAGIC))
       assert.equal(2, r(dev, R.VERSION))
       assert.equal(2, r(dev, R.DEVICE_ID))
@@ -54,6 +54,32 @@ describe("virtio-mmio #guest", function()
       assert.same({ "virtio-blk", 2, 0xfeb00000, 0x200, 16, 0 },
         { info.kind, info.device_id, info.base, info.size, info.irq, info.status })
       assert.equal("kvm.virtio virtio-blk at 0xfeb00000 irq 16", tostring(dev))
+      vm:close()
+    end)
+
+    it("DISCARD and WRITE_ZEROES offered where the image's file system punches holes, with their limits", function()
+      support.need_kvm()
+      local vm = new_vm()
+      local path = image(3)
+      local dev = assert(vm:virtio_blk{ path = path })
+      w(dev, R.DEV_FEAT_SEL, 0)
+      if support.punches_holes(path) then
+        assert.equal((1 << 2) | (1 << 9) | (1 << 13) | (1 << 14), r(dev, R.DEV_FEAT))
+        local bs = tonumber(support.sh("stat -c %o '" .. path .. "'"):match("%d+"))   -- st_blksize
+        assert.same({ 1 << 22, 32, bs // 512, 1 << 22, 32, 1 },
+          { dev:read(R.CONFIG + 36, 4), dev:read(R.CONFIG + 40, 4), dev:read(R.CONFIG + 44, 4),
+            dev:read(R.CONFIG + 48, 4), dev:read(R.CONFIG + 52, 4), dev:read(R.CONFIG + 56, 1) })
+      else
+        assert.equal((1 << 2) | (1 << 9), r(dev, R.DEV_FEAT))
+      end
+      -- never on a file that cannot punch (a character device), nor read-only
+      local zero = assert(vm:virtio_blk{ path = "/dev/zero" })
+      local ro = assert(vm:virtio_blk{ path = path, readonly = true })
+      for _, d in ipairs{ zero, ro } do
+        w(d, R.DEV_FEAT_SEL, 0)
+        assert.equal(0, r(d, R.DEV_FEAT) & (3 << 13))
+        assert.equal(0, d:read(R.CONFIG + 36, 8))
+      end
       vm:close()
     end)
 
@@ -204,6 +230,121 @@ describe("virtio-mmio #guest", function()
         assert.equal(string.char(97 + i % 26):rep(512), data:sub((20 + i) * 512 + 1, (21 + i) * 512))
       end
       assert.equal(("T"):rep(512), data:sub(19 * 512 + 1, 20 * 512))      -- sector 19 untouched
+      vm:close()
+    end)
+  end)
+
+  describe("virtio-blk DISCARD and WRITE_ZEROES", function()
+    local DISCARD, WRITE_ZEROES = 11, 13
+    local F_DISCARD, F_WZ = 1 << 13, 1 << 14
+    -- segments {sector, num_sectors, flags}
+    local function segs(t)
+      local b = {}
+      for i, sg in ipairs(t) do b[i] = string.pack("<I8I4I4", sg[1], sg[2], sg[3] or 0) end
+      return table.concat(b)
+    end
+    local function req(q, vm, typ, t, len)
+      local data = segs(t)
+      return blk_req(q, vm, typ, 0, len or #data, "out", data)
+    end
+    -- a writable disk on a file system that punches holes, the features negotiated
+    local function disk(n, features)
+      local vm = new_vm()
+      local path = image(n)
+      if not support.punches_holes(path) then
+        vm:close()
+        return pending("the file system of " .. path .. " punches no holes: DISCARD is not offered")
+      end
+      local dev = assert(vm:virtio_blk{ path = path })
+      return vm, dev, driver(vm, dev, { features = features or (F_DISCARD | F_WZ) }), path
+    end
+    local function blocks(path) return tonumber(support.sh("stat -c %b '" .. path .. "'"):match("%d+")) end
+
+    it("DISCARD punches the sectors out of the file: they read zero, the size stays, blocks are freed", function()
+      support.need_kvm()
+      local vm, dev, q, path = disk(64)
+      if not vm then return end
+      local before = blocks(path)
+      assert.equal(0, req(q, vm, DISCARD, { { 8, 16 }, { 40, 1 } }))
+      local data = support.slurp(path)
+      assert.equal(64 * 512, #data)
+      assert.equal(("\0"):rep(16 * 512), data:sub(8 * 512 + 1, 24 * 512))
+      assert.equal(("\0"):rep(512), data:sub(40 * 512 + 1, 41 * 512))
+      assert.equal(("H"):rep(512), data:sub(7 * 512 + 1, 8 * 512))                -- sector 7 untouched
+      assert.equal(("Y"):rep(512), data:sub(24 * 512 + 1, 25 * 512))              -- and sector 24
+      assert.is_true(blocks(path) < before, "no blocks freed")
+      assert.equal(0, blk_req(q, vm, 0, 8, 512, "in"))                            -- the guest reads zeros
+      assert.equal(("\0"):rep(512), vm:read(BUF + 0x100, 512))
+      assert.equal(1, vm:stats().blk_discards)
+      assert.is_nil(dev:info().error)
+      vm:close()
+    end)
+
+    it("WRITE_ZEROES, with and without unmap: the sectors read zero", function()
+      support.need_kvm()
+      local vm, _, q, path = disk(16)
+      if not vm then return end
+      assert.equal(0, req(q, vm, WRITE_ZEROES, { { 1, 2 } }))
+      assert.equal(0, req(q, vm, WRITE_ZEROES, { { 5, 1, 1 } }))                 -- unmap
+      local data, first = support.slurp(path), {}
+      for i = 0, 6 do first[i + 1] = data:sub(i * 512 + 1, i * 512 + 1) end
+      assert.equal("A\0\0DE\0G", table.concat(first))
+      assert.equal(("\0"):rep(1024), data:sub(513, 1536))
+      assert.equal(("\0"):rep(512), data:sub(5 * 512 + 1, 6 * 512))
+      assert.equal(2, vm:stats().blk_write_zeroes)
+      vm:close()
+    end)
+
+    -- each: the request's segments (or raw data length), the status, and the file unchanged
+    local CASES = {
+      { "no segment", DISCARD, {}, 1 },
+      { "a length not a multiple of 16", DISCARD, { { 0, 1 } }, 1, 12 },
+      { "33 segments (max_discard_seg is 32)", DISCARD, (function()
+          local t = {}
+          for i = 1, 33 do t[i] = { i - 1, 1 } end
+          return t
+        end)(), 1 },
+      { "a segment past the end", DISCARD, { { 0, 1 }, { 15, 2 } }, 1 },
+      { "a segment at sector 2^64-1", DISCARD, { { -1, 1 } }, 1 },
+      { "a segment longer than max_discard_sectors", DISCARD, { { 0, (1 << 22) + 1 } }, 1 },
+      { "the unmap flag on a DISCARD", DISCARD, { { 0, 1, 1 } }, 2 },
+      { "an unknown flag on a DISCARD", DISCARD, { { 0, 1, 4 } }, 2 },
+      { "an unknown flag on a WRITE_ZEROES", WRITE_ZEROES, { { 0, 1, 2 } }, 2 },
+      { "a segment past the end of a WRITE_ZEROES", WRITE_ZEROES, { { 0, 1 }, { 16, 1 } }, 1 },
+    }
+    for _, case in ipairs(CASES) do
+      it(("%s: %s, nothing changed"):format(case[1], case[4] == 1 and "IOERR" or "UNSUPP"), function()
+        support.need_kvm()
+        local vm, dev, q, path = disk(16)
+        if not vm then return end
+        local before = support.slurp(path)
+        assert.equal(case[4], req(q, vm, case[2], case[3], case[5]))
+        assert.equal(before, support.slurp(path))
+        assert.is_nil(dev:info().error)
+        local s = vm:stats()
+        assert.same({ 0, 0 }, { s.blk_discards, s.blk_write_zeroes })
+        vm:close()
+      end)
+    end
+
+    it("UNSUPP when the driver did not accept the feature; a read-only disk offers neither", function()
+      support.need_kvm()
+      local vm, _, q, path = disk(4, 0)
+      if not vm then return end
+      local before = support.slurp(path)
+      assert.equal(2, req(q, vm, DISCARD, { { 0, 1 } }))
+      assert.equal(2, req(q, vm, WRITE_ZEROES, { { 0, 1 } }))
+      local ro = assert(vm:virtio_blk{ path = path, readonly = true })
+      local q2 = driver(vm, ro, { features = 1 << 5 })
+      assert.equal(2, req(q2, vm, DISCARD, { { 0, 1 } }))
+      vm:close()
+      assert.equal(before, support.slurp(path))
+    end)
+
+    it("raises on a discard option that is not a boolean", function()
+      support.need_kvm()
+      local vm = new_vm()
+      assert.equal("vm:virtio_blk: 'discard' must be a boolean", support.merr(vm, "virtio_blk", { path = "x", discard = 1 }))
       vm:close()
     end)
   end)

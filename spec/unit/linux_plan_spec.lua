@@ -158,10 +158,10 @@ describe("kvm.linux.plan", function()
   it("plans virtio devices: disks then rng in the slots, the DSDT, no nomodules", function()
     local kernel = tmpfile(elf())
     local d1, d2 = tmpfile(("\0"):rep(4096)), tmpfile(("\0"):rep(1024))
-    local p = assert(plan{ kernel = kernel, disks = { d1, { path = d2, readonly = true } }, rng = true })
+    local p = assert(plan{ kernel = kernel, disks = { d1, { path = d2, readonly = true, discard = false } }, rng = true })
     assert.same({
       { kind = "blk", path = d1, readonly = false, size = 4096, base = 0xfeb00000, irq = 16 },
-      { kind = "blk", path = d2, readonly = true, size = 1024, base = 0xfeb00200, irq = 17 },
+      { kind = "blk", path = d2, readonly = true, discard = false, size = 1024, base = 0xfeb00200, irq = 17 },
       { kind = "rng", base = 0xfeb00400, irq = 18 },
     }, p.devices.virtio)
     assert.is_nil(not_plain(p, "plan"))
@@ -183,6 +183,8 @@ describe("kvm.linux.plan", function()
       support.err(function() plan{ kernel = kernel, disks = { 1 } } end))
     assert.equal("linux.plan: disks[1].readonly must be a boolean",
       support.err(function() plan{ kernel = kernel, disks = { { path = d1, readonly = "yes" } } } end))
+    assert.equal("linux.plan: disks[1].discard must be a boolean",
+      support.err(function() plan{ kernel = kernel, disks = { { path = d1, discard = 0 } } } end))
     assert.equal("linux.plan: 'rng' must be a boolean", support.err(function() plan{ kernel = kernel, rng = 1 } end))
     -- a virtio console after them, and it also needs the modules
     local c = assert(plan{ kernel = kernel, rng = true, virtio_console = { output = false } })
