@@ -60,6 +60,12 @@ describe("snapshots", function()
     local snap = assert(vm:snapshot())
     local used = snap:memory()[1].pages
     assert.is_true(used >= 3 and used < 20, "pages in use " .. used)
+    -- a vCPU's first run may leave one more page dirty (kvm_amd logs the
+    -- code page then): one run first, restored, then the counts are exact
+    cpu:set_regs{ rip = support.BASE, rcx = 1, rflags = 2 }
+    assert.equal("hlt", cpu:run().reason)
+    local ok0, first = vm:restore(snap)
+    assert.is_true(ok0 and first >= 1 and first <= 2, "the first restore copied " .. tostring(first))
     for _, n in ipairs{ 1, 10, 1000 } do
       cpu:set_regs{ rip = support.BASE, rcx = n, rflags = 2 }
       assert.equal("hlt", cpu:run().reason)
