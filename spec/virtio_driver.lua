@@ -18,6 +18,15 @@ M.DESC, M.AVAIL, M.USED = 0x10000, 0x11000, 0x12000
 M.BUF = 0x20000
 M.RAM = 1 << 20
 
+--- A disk image of n sectors in a new temporary file (its path added to
+-- the list `tmp`, for the spec to remove): sector i filled with the letter
+-- 'A' + i % 26.
+function M.image(n, tmp)
+  local t = {}
+  for i = 0, n - 1 do t[#t + 1] = string.char(65 + i % 26):rep(512) end
+  return require("support").write_tmp(table.concat(t), tmp)
+end
+
 --- A VM with `M.RAM` bytes at 0 and an in-kernel irqchip.
 function M.new_vm()
   local kvm = require "kvm"

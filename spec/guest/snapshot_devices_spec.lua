@@ -94,69 +94,31 @@ local function drained(r)
   return table.concat(s)
 end
 
--- virtio-mmio registers, and a driver in Lua (as spec/guest/virtio_spec.lua's)
-local V = { DEV_FEAT = 0x010, DEV_FEAT_SEL = 0x014, DRV_FEAT = 0x020, DRV_FEAT_SEL = 0x024,
-            QSEL = 0x030, QNUM = 0x038, QREADY = 0x044, NOTIFY = 0x050, ISR = 0x060, ACK = 0x064,
-            STATUS = 0x070, DESC = 0x080, DRIVER = 0x090, DEVICE = 0x0a0 }
-local ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = 1, 2, 4, 8, 64
-local NEXT, WRITE = 1, 2
-local DESC, AVAIL, USED, BUF = 0x10000, 0x11000, 0x12000, 0x20000
+-- virtio-mmio: the specs' driver in Lua (spec/virtio_driver.lua)
+local vd = require "virtio_driver"
+local V = vd.R
+local ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = vd.ACK, vd.DRIVER, vd.DRIVER_OK, vd.FEATURES_OK,
+  vd.NEEDS_RESET
+local NEXT, WRITE = vd.NEXT, vd.WRITE
+local DESC, USED, BUF = vd.DESC, vd.USED, vd.BUF
+local w, r = vd.w, vd.r
 
 local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.remove(p) end end)
 
--- an image of n sectors, sector i filled with the letter 'A' + i % 26
-local function image(n)
-  local t = {}
-  for i = 0, n - 1 do t[#t + 1] = string.char(65 + i % 26):rep(512) end
-  return support.write_tmp(table.concat(t), tmp)
-end
+local function image(n) return vd.image(n, tmp) end
 
 -- a VM with 1 MiB of RAM and an irqchip; make(vm) adds the device
 local function virtio_vm(make)
-  local kvm = require "kvm"
-  local vm = assert(kvm.vm())
-  assert(vm:memory{ guest = 0, size = 1 << 20 })
-  assert(vm:irqchip())
+  local vm = vd.new_vm()
   return vm, assert(make(vm))
 end
 
-local function w(dev, reg, v) dev:write(reg, 4, v) end
-local function r(dev, reg) return dev:read(reg, 4) end
-
--- negotiate VERSION_1, queue 0 of 8 entries, DRIVER_OK; q.submit(descs)
--- puts a chain {addr, len, flags} in the rings and notifies
+-- negotiate VERSION_1, queue 0 of 8 entries, DRIVER_OK (vd.driver);
+-- q.read_sector(n) reads sector n into BUF + 0x100: its status byte
 local function driver(vm, dev)
-  w(dev, V.STATUS, 0)
-  w(dev, V.STATUS, ACK | DRIVER)
-  w(dev, V.DRV_FEAT_SEL, 1); w(dev, V.DRV_FEAT, 1)
-  w(dev, V.DRV_FEAT_SEL, 0); w(dev, V.DRV_FEAT, 0)
-  w(dev, V.STATUS, ACK | DRIVER | FEATURES_OK)
-  w(dev, V.QSEL, 0)
-  w(dev, V.QNUM, 8)
-  w(dev, V.DESC, DESC); w(dev, V.DRIVER, AVAIL); w(dev, V.DEVICE, USED)
-  vm:write(AVAIL, ("\0"):rep(6 + 2 * 8))
-  vm:write(USED, ("\0"):rep(6 + 8 * 8))
-  w(dev, V.QREADY, 1)
-  w(dev, V.STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-  local q = { idx = 0 }
-  function q.submit(descs)
-    for i, d in ipairs(descs) do
-      local flags = d[3] or 0
-      vm:write(DESC + 16 * (i - 1), string.pack("<I8I4I2I2", d[1], d[2], flags, d[4] or (flags & NEXT ~= 0 and i or 0)))
-    end
-    vm:write(AVAIL + 4 + 2 * (q.idx % 8), string.pack("<I2", 0))
-    q.idx = (q.idx + 1) & 0xffff
-    vm:write(AVAIL + 2, string.pack("<I2", q.idx))
-    w(dev, V.NOTIFY, 0)
-  end
-  -- a block read of one sector into BUF + 0x100; its status byte
-  function q.read_sector(sector)
-    vm:write(BUF, string.pack("<I4I4I8", 0, 0, sector))
-    vm:write(BUF + 0x80, "\xee")
-    q.submit{ { BUF, 16, NEXT }, { BUF + 0x100, 512, NEXT | WRITE }, { BUF + 0x80, 1, WRITE } }
-    return vm:u8(BUF + 0x80)
-  end
+  local q = vd.driver(vm, dev)
+  function q.read_sector(sector) return vd.blk_req(q, vm, 0, sector, 512, "in") end
   return q
 end
 

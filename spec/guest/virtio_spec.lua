@@ -20,11 +20,7 @@ local tmp = {}
 teardown(function() for _, p in ipairs(tmp) do os.remove(p) end end)
 
 -- an image of n sectors, sector i filled with the letter 'A' + i % 26
-local function image(n)
-  local t = {}
-  for i = 0, n - 1 do t[#t + 1] = string.char(65 + i % 26):rep(512) end
-  return support.write_tmp(table.concat(t), tmp)
-end
+local function image(n) return vd.image(n, tmp) end
 
 describe("virtio-mmio #guest", function()
   describe("registers", function()
