@@ -105,8 +105,12 @@ function support.exists(path)
   return f ~= nil
 end
 
-function support.slurp(path)
-  local f = assert(io.open(path, "rb"))
+--- A whole file's bytes; when it cannot be opened, `missing` if given
+-- (a file a child process has not written yet), else an error.
+function support.slurp(path, missing)
+  local f, why = io.open(path, "rb")
+  if not f and missing ~= nil then return missing end
+  f = assert(f, why)
   local s = f:read("a")
   f:close()
   return s

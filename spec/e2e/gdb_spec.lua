@@ -10,13 +10,7 @@ local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 
 local exists = support.exists
 
-local function slurp(p)
-  local f = io.open(p, "rb")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local function slurp(p) return support.slurp(p, "") end
 
 -- wait up to `seconds` for `pattern` in the file at path; its text
 local function wait_for(path, pattern, seconds)

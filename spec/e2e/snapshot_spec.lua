@@ -8,37 +8,21 @@ local kvm = require "kvm"
 
 local DIR = os.getenv("LUAKVM_KERNEL_DIR") or "guest-kernel"
 
-local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local function slurp(path) return support.slurp(path, "") end
 
 -- Run boot_linux.lua with `args` in a child process, its stdin typed at by
 -- `steps` ({wait = text on its stdout, or err = text on its stderr; send =
--- what to type}; a step without wait or err is typed at once). Returns its
--- exit status, stdout, stderr, and the seconds from spawn to each step sent.
+-- what to type}; a step without wait or err is typed at once: support.typist).
+-- Returns its exit status, stdout, stderr, and the seconds from spawn to
+-- each step sent.
 local function drive(args, steps, timeout)
   local base = os.tmpname()
   local out, err, rc = base .. ".out", base .. ".err", base .. ".rc"
-  local script = { "set -u" }
-  for i, step in ipairs(steps) do
-    local f = assert(io.open(base .. "." .. i .. ".text", "wb"))
-    f:write(step.send)
-    f:close()
-    if step.wait or step.err then
-      script[#script + 1] = ("while [ ! -e %s.%d.go ]; do sleep 0.2; done"):format(base, i)
-    end
-    script[#script + 1] = ("cat %s.%d.text"):format(base, i)
-  end
-  local f = assert(io.open(base .. ".sh", "w"))
-  f:write("( ", table.concat(script, "; "), "; sleep 60 ) | timeout ", timeout,
-          " lua5.4 examples/boot_linux.lua ", args, " >", out, " 2>", err, "; echo $? >", rc, "\n")
-  f:close()
+  local typed = {}
+  for i, step in ipairs(steps) do typed[i] = { send = step.send, at_once = not (step.wait or step.err) } end
   local t0 = kvm.now()
-  assert(os.execute("sh " .. base .. ".sh </dev/null >/dev/null 2>&1 &"))
+  local typist = support.typist(typed, ("timeout %d lua5.4 examples/boot_linux.lua %s >%s 2>%s; echo $? >%s")
+    :format(timeout, args, out, err, rc))
   local sent, at, seen_o, seen_e = 1, {}, 0, 0
   while not support.exists(rc) and kvm.now() - t0 < timeout + 30 do
     local o, e = slurp(out), slurp(err)
@@ -52,17 +36,17 @@ local function drive(args, steps, timeout)
                   step.err and e:find(step.err, seen_e + 1, true)
       if hit then
         if step.wait then seen_o = hit else seen_e = hit end
-        local g = assert(io.open(("%s.%d.go"):format(base, sent), "w"))
-        g:close()
+        typist.go(sent)
         at[sent], sent = kvm.now() - t0, sent + 1
       end
     end
     os.execute("sleep 0.2")
   end
+  typist.close()
   local code = tonumber(slurp(rc))
   local o, e = slurp(out), slurp(err)
   io.stderr:write("\n--- boot_linux.lua ", args, ": exit ", tostring(code), "\n", o, "\n--- stderr\n", e, "\n")
-  os.execute("rm -f " .. base .. "*")
+  os.remove(out) os.remove(err) os.remove(rc) os.remove(base)
   return code, o, e, at
 end
 
