@@ -6,10 +6,9 @@
 -- numbers and inputs below are exact.
 local support = require "support"
 
+-- exit status and output (stderr too) of a command: support.sh's, swapped
 local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local _, _, code = p:close()
+  local out, code = support.sh(cmd)
   return code, out
 end
 
